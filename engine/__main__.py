@@ -1,0 +1,107 @@
+"""Command line: ``python -m engine serve [--config FILE]`` and ``python -m engine generate``.
+
+``serve`` starts a local Ray, deploys the profile, prints the URL once /health answers,
+stays up, and shuts Serve and Ray down on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+
+from engine.config import DEFAULT_PROFILE, AppConfig, load_config
+
+
+def wait_for_health(url: str, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200, or raise after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(1)
+
+
+def start(config: AppConfig) -> str:
+    """Start local Ray + Serve, deploy ``config``, wait for health; return the base URL."""
+    for model in config.models:
+        model.resolved_model_path()  # build generated checkpoints once, before any replica
+    os.environ.update(config.server.ray_env)  # inherited by the raylet and every worker
+    import ray
+    from ray import serve
+
+    from engine.app import APP_NAME, build_app
+
+    ray.init(
+        num_cpus=config.server.ray_num_cpus,
+        include_dashboard=False,
+        log_to_driver=os.environ.get("QWEN3VL_RAY_LOGS", "1") == "1",
+    )
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    base = f"http://{host}:{config.server.port}"
+    wait_for_health(base + "/health", config.server.startup_timeout_s)
+    return base
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.port is not None:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        base = start(config)
+        print(f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)", flush=True)
+        stopping.wait()
+        print("Shutting down...", flush=True)
+    finally:
+        stop()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.testing.tiny_model import ensure_model
+
+    print(ensure_model(args.preset))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="serve a profile over HTTP")
+    serve_p.add_argument("--config", default=None, help=f"YAML profile (default {DEFAULT_PROFILE.name})")
+    serve_p.add_argument("--port", type=int, default=None, help="override server.port")
+    serve_p.set_defaults(func=cmd_serve)
+    gen_p = sub.add_parser("generate", help="write a generated Qwen3-VL checkpoint, print its path")
+    gen_p.add_argument("preset", nargs="?", default="tiny", choices=["tiny", "small"])
+    gen_p.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

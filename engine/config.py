@@ -1,0 +1,148 @@
+"""Serving configuration: YAML profiles validated by pydantic.
+
+This is the only module that reads YAML or the environment. A profile names the models
+(each a vLLM engine; every vLLM engine argument passes through ``engine_kwargs``), the
+routing tiers, the image limits and the HTTP/Ray settings. CPU and GPU profiles differ
+only here: the code path is the same.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PROFILE = CONFIG_DIR / "cpu-tiny.yaml"
+GENERATED_PREFIX = "generated:"
+# Ray settings that decide throughput on a small machine (BENCHMARKS.md has the numbers):
+# workers at normal priority (Ray starts them at niceness 15), and Ray Serve's throughput
+# mode: HTTP goes HAProxy -> replica (direct ingress) instead of through the Python proxy
+# actor, user code runs on the replica's main event loop, requests travel over gRPC.
+THROUGHPUT_RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageLimits(_Strict):
+    """What the ingress accepts as an image, checked before the engine sees it."""
+
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Encoded size cap per image.")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Width x height cap, read from the header before decoding."
+    )
+    max_short_side_px: int = Field(
+        768, gt=0, description="Downscale so the short side is at most this many pixels."
+    )
+    max_images_per_request: int = Field(4, ge=0, description="Images allowed in one request.")
+    allowed_url_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs may be fetched; empty = data: URLs only.",
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one image fetch.")
+
+
+class ModelConfig(_Strict):
+    """One served model: a vLLM engine inside a Ray Serve deployment."""
+
+    name: str = Field(description="Model id clients send in `model` and see in /v1/models.")
+    model: str = Field(
+        description="HF repo id, local checkpoint dir, or 'generated:tiny'/'generated:small' "
+        "for a checkpoint the project generates (engine/testing/tiny_model.py)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed as is to vLLM's AsyncEngineArgs."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE).",
+    )
+    num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of this model.")
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="Requests one replica holds at once (engine batch + queue)."
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1},
+        description="Resources of one replica, e.g. {'num_gpus': 1} on GPU.",
+    )
+
+    def resolved_model_path(self) -> str:
+        """The path or repo id vLLM loads; generated checkpoints are built if missing."""
+        if self.model.startswith(GENERATED_PREFIX):
+            from engine.testing.tiny_model import ensure_model
+
+            return str(ensure_model(self.model[len(GENERATED_PREFIX) :]))
+        return self.model
+
+
+class RoutingConfig(_Strict):
+    """Which model answers: the primary, then fallbacks in order (used by the router)."""
+
+    primary: str = Field(description="Name of the model that serves by default.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Smaller models to use when the primary is saturated."
+    )
+
+
+class ServerConfig(_Strict):
+    """HTTP and local-Ray settings of `python -m engine serve`."""
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    ray_num_cpus: int | None = Field(
+        8,
+        description="Logical CPUs for a local Ray (more than the cores: on 2 cores the ingress "
+        "replica would otherwise never schedule). None = Ray's default.",
+    )
+    ray_env: dict[str, str] = Field(
+        default_factory=lambda: dict(THROUGHPUT_RAY_ENV),
+        description="Environment for the local Ray; the default is the throughput set "
+        "measured in BENCHMARKS.md.",
+    )
+    startup_timeout_s: float = Field(600, gt=0, description="How long to wait for /health.")
+
+
+class AppConfig(_Strict):
+    """A whole serving profile."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    routing: RoutingConfig | None = None
+    images: ImageLimits = Field(default_factory=ImageLimits)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.routing is not None:
+            for name in [self.routing.primary, *self.routing.fallbacks]:
+                if name not in names:
+                    raise ValueError(f"routing names {name!r}, which is not in models {names}")
+        return self
+
+    @property
+    def primary(self) -> ModelConfig:
+        """The model the ingress serves by default."""
+        name = self.routing.primary if self.routing else self.models[0].name
+        return next(m for m in self.models if m.name == name)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
+    """Read and validate a YAML profile (default: ``QWEN3VL_CONFIG`` or configs/cpu-tiny.yaml)."""
+    path = Path(path or os.environ.get("QWEN3VL_CONFIG") or DEFAULT_PROFILE)
+    data = yaml.safe_load(path.read_text()) or {}
+    return AppConfig.model_validate(data)

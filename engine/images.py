@@ -1,0 +1,157 @@
+"""Image intake: fetch or decode, enforce limits, normalise, before the engine sees it.
+
+Every check raises ``RequestError`` naming the problem. Order matters for safety: the
+byte cap comes before decoding, the pixel cap is read from the header before any pixel
+is decoded (decompression bombs), large JPEGs are decoded in draft mode at a reduced
+scale, then EXIF orientation, RGB, and a downscale to ``max_short_side_px``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from urllib.parse import urlsplit
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from engine.config import ImageLimits
+from engine.errors import RequestError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
+Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable cap before decoding
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP"}
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+
+
+def decode_data_url(url: str, limits: ImageLimits, *, param: str) -> bytes:
+    """Bytes of a ``data:<mime>;base64,...`` URL, with the byte cap checked first."""
+    match = _DATA_URL.match(url)
+    if not match:
+        raise RequestError(
+            "image data URL must look like 'data:image/png;base64,<data>'",
+            code="invalid_image_url", param=param,
+        )  # fmt: skip
+    payload = url[match.end() :]
+    # base64 inflates by 4/3: reject before decoding anything we would refuse anyway.
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise _too_many_bytes(len(payload) * 3 // 4, limits, param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(
+            "image data URL is not valid base64", code="invalid_image_data", param=param
+        ) from None
+    if len(data) > limits.max_image_bytes:
+        raise _too_many_bytes(len(data), limits, param)
+    return data
+
+
+def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> str:
+    """Validate an http(s) image URL against the allow-list, without fetching it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError(
+            "image_url must be a data: URL or an http(s) URL", code="invalid_image_url", param=param
+        )
+    if parts.hostname.lower() not in {h.lower() for h in limits.allowed_url_hosts}:
+        raise RequestError(
+            f"image host {parts.hostname!r} is not allow-listed; send the image as a data: URL",
+            status_code=400, code="image_host_not_allowed", param=param,
+        )  # fmt: skip
+    return url
+
+
+async def fetch_image_bytes(url: str, limits: ImageLimits, *, param: str, client) -> bytes:
+    """GET an allow-listed image URL with a total timeout and a streaming byte cap."""
+    import httpx
+
+    try:
+        async with client.stream("GET", url, timeout=limits.fetch_timeout_s) as response:
+            if response.status_code != 200:
+                raise RequestError(
+                    f"fetching the image returned HTTP {response.status_code}",
+                    code="image_fetch_failed", param=param,
+                )  # fmt: skip
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limits.max_image_bytes:
+                    raise _too_many_bytes(size, limits, param)
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException:
+        raise RequestError(
+            f"fetching the image took longer than {limits.fetch_timeout_s:g}s",
+            code="image_fetch_timeout", param=param,
+        ) from None  # fmt: skip
+    except httpx.HTTPError as exc:
+        raise RequestError(
+            f"fetching the image failed: {exc}", code="image_fetch_failed", param=param
+        ) from None
+
+
+def decode_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
+    """Decode, check and normalise one encoded image to an RGB ``PIL.Image``."""
+    if len(data) > limits.max_image_bytes:
+        raise _too_many_bytes(len(data), limits, param)
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise RequestError(
+            "image data is not a JPEG, PNG or WebP image", code="invalid_image_data", param=param
+        ) from None
+    if image.format not in ALLOWED_FORMATS:
+        raise RequestError(
+            f"image format {image.format} is not supported; send JPEG, PNG or WebP",
+            code="unsupported_image_format", param=param,
+        )  # fmt: skip
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise RequestError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is "
+            f"{limits.max_image_pixels}",
+            code="image_too_large", param=param,
+        )  # fmt: skip
+    if width < 1 or height < 1:
+        raise RequestError("image has no pixels", code="invalid_image_data", param=param)
+    if image.format == "JPEG":
+        # Draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target.
+        image.draft("RGB", _target_size(width, height, limits.max_short_side_px))
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RequestError(
+            f"image data is corrupt or truncated ({exc})", code="invalid_image_data", param=param
+        ) from None
+    image = _to_rgb(image)
+    if min(image.size) > limits.max_short_side_px:
+        image = image.resize(
+            _target_size(*image.size, limits.max_short_side_px), Image.Resampling.BICUBIC
+        )
+    return image
+
+
+def _target_size(width: int, height: int, max_short_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_short_side / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _too_many_bytes(size: int, limits: ImageLimits, param: str) -> RequestError:
+    return RequestError(
+        f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes",
+        status_code=413, code="image_too_large", param=param,
+    )  # fmt: skip

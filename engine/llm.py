@@ -1,0 +1,162 @@
+"""One model's vLLM engine: render a chat, generate, stream typed deltas.
+
+``ModelEngine`` is the shim between the ingress and vLLM's ``AsyncLLM`` (continuous
+batching, paged KV cache; the engine core runs in its own process). It uses vLLM's own
+renderer for the chat template and multimodal processing, so prompts are built exactly
+as vLLM's OpenAI server builds them, and validation (prompt longer than the context,
+max_tokens beyond it) raises the same errors, which we map to 4xx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import ModelConfig
+from engine.errors import EngineError, RequestError
+from engine.protocol import ChatCompletionRequest
+
+
+@dataclass(slots=True)
+class GenerationDelta:
+    """New output of one request since the previous delta (vLLM DELTA output mode)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A rendered, validated request, ready to enter the engine."""
+
+    request_id: str
+    engine_input: Any  # vLLM EngineInput (token ids + processed multimodal data)
+    sampling_params: Any  # vllm.SamplingParams
+    prompt_tokens: int
+
+
+class ModelEngine:
+    """A vLLM AsyncLLM serving one model."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        # The engine-core subprocess inherits this environment (KV-cache size on CPU, ...).
+        os.environ.update(config.env)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.renderers.params import ChatParams
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.name = config.name
+        args = AsyncEngineArgs(
+            model=config.resolved_model_path(),
+            served_model_name=[config.name],
+            **config.engine_kwargs,
+        )
+        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        self.max_model_len: int = self.llm.model_config.max_model_len
+        self._default_sampling = self.llm.model_config.get_diff_sampling_param()
+        self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+
+    async def prepare(
+        self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
+    ) -> PreparedRequest:
+        """Render the conversation (images already decoded) and validate it against the context."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.renderers.params import TokenizeParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        max_tokens = request.output_token_limit
+        if max_tokens is not None and max_tokens >= self.max_model_len:
+            raise RequestError(
+                f"max_tokens is {max_tokens}, but this model's context is {self.max_model_len} "
+                "tokens, which must also hold the prompt",
+                code="context_length_exceeded", param="max_tokens",
+            )  # fmt: skip
+        tok_params = TokenizeParams(
+            max_total_tokens=self.max_model_len,
+            max_output_tokens=max_tokens or 0,
+            add_special_tokens=False,
+            max_total_tokens_param="max_model_len",
+            max_output_tokens_param="max_tokens",
+        )
+        try:
+            _, (engine_input,) = await self.llm.renderer.render_chat_async(
+                [conversation], self._chat_params, tok_params
+            )
+        except (VLLMClientError, ValueError, TypeError) as exc:
+            raise RequestError(str(exc), code=_client_error_code(str(exc))) from None
+        prompt_tokens = len(engine_input["prompt_token_ids"])
+        if prompt_tokens >= self.max_model_len:
+            raise RequestError(
+                f"the prompt is {prompt_tokens} tokens (images included); this model's context "
+                f"is {self.max_model_len} tokens",
+                code="context_length_exceeded", param="messages",
+            )  # fmt: skip
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_tokens
+        elif prompt_tokens + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}; together "
+                f"they exceed this model's context of {self.max_model_len} tokens",
+                code="context_length_exceeded", param="max_tokens",
+            )  # fmt: skip
+        sampling = dict(self._default_sampling)
+        for field in ("temperature", "top_p", "top_k", "seed", "stop", "min_tokens",
+                      "presence_penalty", "frequency_penalty"):  # fmt: skip
+            value = getattr(request, field)
+            if value is not None:
+                sampling[field] = value
+        try:
+            params = SamplingParams(
+                **sampling,
+                max_tokens=max_tokens,
+                ignore_eos=request.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise RequestError(str(exc), code="invalid_sampling_params") from None
+        return PreparedRequest(request_id, engine_input, params, prompt_tokens)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas. Closing the iterator early aborts the request in the engine."""
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        try:
+            async for output in self.llm.generate(
+                prepared.engine_input, prepared.sampling_params, prepared.request_id
+            ):
+                completion = output.outputs[0]
+                yield GenerationDelta(
+                    text=completion.text,
+                    num_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason if output.finished else None,
+                    prompt_tokens=prepared.prompt_tokens,
+                )
+        except EngineDeadError as exc:
+            raise EngineError(f"the engine is dead: {exc}", status_code=503) from exc
+        except EngineGenerateError as exc:
+            raise EngineError(f"generation failed: {exc.__cause__ or exc}") from exc
+
+    @property
+    def is_healthy(self) -> bool:
+        return not self.llm.errored
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+        await self.llm.check_health()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def _client_error_code(message: str) -> str:
+    lowered = message.lower()
+    if "context" in lowered or "max_model_len" in lowered or "longer than" in lowered:
+        return "context_length_exceeded"
+    if "at most" in lowered and ("image" in lowered or "multimodal" in lowered):
+        return "too_many_images"
+    return "invalid_request"
