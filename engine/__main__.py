@@ -70,10 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
     stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     try:
         base = start(config)
+        # After ray.init: Ray's core worker installs a SIGTERM handler that aborts the process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
         print(f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)", flush=True)
         stopping.wait()
         print("Shutting down...", flush=True)

@@ -84,11 +84,16 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # With unions pydantic reports every branch; the deepest location is the real problem.
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
         raise RequestError(
             f"{where}: {first['msg']}" if where else first["msg"], param=where or None
         ) from None
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "list") or "[" in part)
 
 
 @serve.deployment(max_ongoing_requests=512)

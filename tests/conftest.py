@@ -1,0 +1,78 @@
+"""One live server per test session: the real CLI, Ray Serve, vLLM and the tiny Qwen3-VL."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import DEFAULT_PROFILE
+from tests.utils import LiveServer, free_port
+
+MODEL = "qwen3-vl-tiny"
+
+
+class _ImageHost(http.server.ThreadingHTTPServer):
+    """A local HTTP server that serves one image and records every path it was asked for."""
+
+    def __init__(self) -> None:
+        self.requested: list[str] = []
+        self.payload = b""
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                host.requested.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(host.payload)))
+                self.end_headers()
+                self.wfile.write(host.payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture(scope="session")
+def image_host():
+    server = _ImageHost()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> LiveServer:
+    """The default CPU profile with test-sized limits: 2 images per request, and 'localhost'
+    (not 127.0.0.1) allow-listed for image URLs."""
+    tmp: Path = tmp_path_factory.mktemp("server")
+    profile = yaml.safe_load(DEFAULT_PROFILE.read_text())
+    profile["images"]["max_images_per_request"] = 2
+    profile["images"]["allowed_url_hosts"] = ["localhost"]
+    profile["server"]["port"] = free_port()
+    config_path = tmp / "profile.yaml"
+    config_path.write_text(yaml.safe_dump(profile))
+    live = LiveServer(config_path, profile["server"]["port"], tmp / "server.log")
+    yield live
+    code = live.stop()
+    assert code == 0, f"server did not shut down cleanly on SIGTERM (exit {code}):\n{live.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def async_client(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
