@@ -1,0 +1,95 @@
+"""Image intake limits and normalisation, without a server."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from PIL import Image
+
+from engine.config import ImageLimits
+from engine.errors import RequestError
+from engine.images import check_remote_url, decode_data_url, decode_image
+from tests.utils import encode, noise_image, png_header_only
+
+LIMITS = ImageLimits()
+
+
+def test_large_jpeg_is_downscaled_to_the_short_side_cap():
+    photo = encode(noise_image(4032, 3024, seed=2), "JPEG", quality=85)  # phone photo
+    image = decode_image(photo, LIMITS, param="p")
+    assert image.mode == "RGB"
+    assert min(image.size) == 768
+    assert image.size == (1024, 768)
+
+
+def test_small_image_keeps_its_size():
+    image = decode_image(encode(noise_image(300, 200)), LIMITS, param="p")
+    assert image.size == (300, 200)
+
+
+def test_exif_orientation_is_applied():
+    base = Image.new("RGB", (60, 20), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encode(base, "JPEG", exif=exif.tobytes())
+    image = decode_image(data, LIMITS, param="p")
+    assert image.size == (20, 60)
+
+
+def test_transparent_png_is_composited_on_white():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    image = decode_image(encode(rgba), LIMITS, param="p")
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_webp_is_accepted():
+    image = decode_image(encode(noise_image(64, 48), "WEBP"), LIMITS, param="p")
+    assert image.size == (64, 48)
+
+
+def test_gif_is_rejected_by_format():
+    with pytest.raises(RequestError) as info:
+        decode_image(encode(noise_image(8, 8).convert("P"), "GIF"), LIMITS, param="p")
+    assert info.value.code == "unsupported_image_format" and "GIF" in info.value.message
+
+
+def test_pixel_cap_is_checked_from_the_header():
+    with pytest.raises(RequestError) as info:
+        decode_image(png_header_only(20000, 20000), LIMITS, param="messages.0")
+    assert info.value.code == "image_too_large"
+    assert info.value.param == "messages.0"
+
+
+def test_byte_cap_applies_before_base64_decoding():
+    limits = ImageLimits(max_image_bytes=1000)
+    url = "data:image/png;base64," + base64.b64encode(b"x" * 5000).decode()
+    with pytest.raises(RequestError) as info:
+        decode_data_url(url, limits, param="p")
+    assert info.value.status_code == 413 and "limit is 1000 bytes" in info.value.message
+
+
+def test_truncated_png_is_rejected():
+    data = encode(noise_image(128, 128))
+    with pytest.raises(RequestError) as info:
+        decode_image(data[: len(data) // 3], LIMITS, param="p")
+    assert info.value.code == "invalid_image_data"
+
+
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("ftp://example.com/a.png", "invalid_image_url"),
+        ("https://evil.example/a.png", "image_host_not_allowed"),
+        ("file:///etc/passwd", "invalid_image_url"),
+    ],
+)
+def test_remote_urls_need_an_allow_listed_http_host(url, code):
+    with pytest.raises(RequestError) as info:
+        check_remote_url(url, ImageLimits(allowed_url_hosts=["cdn.shop.example"]), param="p")
+    assert info.value.code == code
+
+
+def test_allow_listed_host_passes():
+    limits = ImageLimits(allowed_url_hosts=["CDN.shop.example"])
+    assert check_remote_url("https://cdn.shop.example/a.jpg", limits, param="p")

@@ -1,0 +1,53 @@
+"""The generated checkpoint: real Qwen3-VL config, sizes, tokenizer and chat format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.testing.tiny_model import PRESETS, SPECIAL_TOKENS, ensure_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ensure_model("tiny", tmp_path_factory.mktemp("models"))
+
+
+def test_tiny_is_a_qwen3_vl_well_under_1m_parameters(tiny):
+    config = json.loads((tiny / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    assert config["model_type"] == "qwen3_vl"
+    assert config["text_config"]["head_dim"] == 64
+    assert json.loads((tiny / "generated.json").read_text())["parameters"] < 600_000
+
+
+def test_tokenizer_has_qwen3_vl_special_tokens_and_chat_format(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    for token in SPECIAL_TOKENS:
+        assert len(tokenizer.encode(token, add_special_tokens=False)) == 1, token
+    config = json.loads((tiny / "config.json").read_text())
+    assert config["image_token_id"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    assert prompt == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_generation_is_cached_and_deterministic(tiny, tmp_path):
+    again = ensure_model("tiny", tiny.parent)
+    assert again == tiny  # cached: no rebuild
+    other = ensure_model("tiny", tmp_path)
+    assert (other / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
+
+
+def test_small_preset_sizes_suit_int8_kernels():
+    small = PRESETS["small"]
+    assert small.hidden_size % 128 == 0 and small.intermediate_size % 128 == 0
+    assert small.head_dim == 64
