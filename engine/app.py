@@ -1,29 +1,37 @@
 """Build the Ray Serve application for a profile.
 
-One deployment per replica set of the primary model: ``OpenAIServer`` holds the OpenAI
-ingress and the model's vLLM engine in the same replica, so tokens never cross a Ray
-actor boundary on their way to the client (measured in BENCHMARKS.md).
+- ``OpenAIServer`` (the ingress) holds the OpenAI API and the primary model's vLLM engine in
+  one replica, so the primary's tokens never cross a Ray actor boundary (BENCHMARKS.md).
+- Every fallback model is a ``ModelServer`` deployment of its own, with its own replicas
+  and autoscaling; the ingress reaches it through a streaming handle.
 """
 
 from __future__ import annotations
+
+import re
 
 from ray.serve import Application
 
 from engine.config import AppConfig
 from engine.ingress import OpenAIServer
+from engine.remote import ModelServer
 
 APP_NAME = "qwen3vl"
 
 
+def deployment_name(model_name: str) -> str:
+    """Ray Serve deployment name of a fallback model ('Qwen/Qwen3-VL-2B' -> 'ModelServer-Qwen-Qwen3-VL-2B')."""
+    return "ModelServer-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
+
+
 def build_app(config: AppConfig) -> Application:
-    """The application that serves ``config``'s primary model behind the OpenAI API."""
-    primary = config.primary
+    """The application that serves ``config`` behind the OpenAI API."""
+    fallbacks = {
+        model.name: ModelServer.options(
+            name=deployment_name(model.name), **model.deployment_options()
+        ).bind(model)
+        for model in config.fallbacks
+    }
     return OpenAIServer.options(
-        name="OpenAIServer",
-        num_replicas=primary.num_replicas,
-        max_ongoing_requests=primary.max_ongoing_requests,
-        ray_actor_options=primary.ray_actor_options,
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30,
-    ).bind(config)
+        name="OpenAIServer", **config.primary.deployment_options()
+    ).bind(config, fallbacks)

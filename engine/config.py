@@ -51,6 +51,28 @@ class ImageLimits(_Strict):
     fetch_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one image fetch.")
 
 
+class SaturationPolicy(_Strict):
+    """When a model counts as saturated (fallback starts) and full (nothing more may wait)."""
+
+    max_running_requests: int | None = Field(
+        None, ge=1, description="Requests the engine runs at once; default: max_num_seqs."
+    )
+    max_waiting_requests: int = Field(
+        0, ge=0, description="Requests allowed to queue in the engine before it is saturated."
+    )
+    max_kv_cache_usage: float = Field(
+        0.95, gt=0, le=1, description="KV-cache usage (0..1) at which it is saturated."
+    )
+    resume_fraction: float = Field(
+        0.75, gt=0, lt=1,
+        description="Hysteresis: saturation ends only when every signal is below this "
+        "fraction of its threshold.",
+    )  # fmt: skip
+    max_queued_requests: int = Field(
+        64, ge=0, description="Bounded waiting: requests queued beyond max_running_requests."
+    )
+
+
 class ModelConfig(_Strict):
     """One served model: a vLLM engine inside a Ray Serve deployment."""
 
@@ -74,6 +96,35 @@ class ModelConfig(_Strict):
         default_factory=lambda: {"num_cpus": 1},
         description="Resources of one replica, e.g. {'num_gpus': 1} on GPU.",
     )
+    autoscaling_config: dict[str, Any] | None = Field(
+        None,
+        description="Ray Serve autoscaling (min_replicas, max_replicas, "
+        "target_ongoing_requests, upscale_delay_s, downscale_delay_s, ...); replaces "
+        "num_replicas when set.",
+    )
+    saturation: SaturationPolicy = Field(default_factory=SaturationPolicy)
+
+    def saturation_policy(self) -> SaturationPolicy:
+        """The policy with max_running_requests filled in from the engine's max_num_seqs."""
+        if self.saturation.max_running_requests is not None:
+            return self.saturation
+        running = int(self.engine_kwargs.get("max_num_seqs", 256))
+        return self.saturation.model_copy(update={"max_running_requests": running})
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Ray Serve deployment options for this model's replicas."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": self.ray_actor_options,
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+            "graceful_shutdown_timeout_s": 30,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
 
     def resolved_model_path(self) -> str:
         """The path or repo id vLLM loads; generated checkpoints are built if missing."""
@@ -90,6 +141,19 @@ class RoutingConfig(_Strict):
     primary: str = Field(description="Name of the model that serves by default.")
     fallbacks: list[str] = Field(
         default_factory=list, description="Smaller models to use when the primary is saturated."
+    )
+
+
+class AdmissionConfig(_Strict):
+    """Deadlines and back-pressure for every request."""
+
+    request_timeout_s: float = Field(
+        300, gt=0, description="Default deadline; header x-request-timeout-s overrides it."
+    )
+    max_request_timeout_s: float = Field(3600, gt=0, description="Largest deadline a header may ask.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
+    allow_fallback_by_default: bool = Field(
+        True, description="Whether requests may be served by a fallback unless they opt out."
     )
 
 
@@ -117,6 +181,7 @@ class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     routing: RoutingConfig | None = None
     images: ImageLimits = Field(default_factory=ImageLimits)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
@@ -139,6 +204,11 @@ class AppConfig(_Strict):
     @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    @property
+    def fallbacks(self) -> list[ModelConfig]:
+        """Models served by their own deployments, reached through handles."""
+        return [m for m in self.models if m.name != self.primary.name]
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:

@@ -19,8 +19,10 @@ class RequestError(Exception):
         code: str = "invalid_request",
         param: str | None = None,
         error_type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.message = message
         self.status_code = status_code
         self.code = code
@@ -31,7 +33,16 @@ class RequestError(Exception):
 class EngineError(Exception):
     """The engine could not serve a valid request (5xx)."""
 
-    def __init__(self, message: str, *, status_code: int = 500) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 500,
+        code: str = "engine_error",
+        error_type: str = "server_error",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.code = code
+        self.error_type = error_type

@@ -8,16 +8,22 @@ scale, then EXIF orientation, RGB, and a downscale to ``max_short_side_px``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import re
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from engine.config import ImageLimits
 from engine.errors import RequestError
+from engine.protocol import ChatCompletionRequest
+
+_INLINE_DECODE_BYTES = 256 * 1024  # larger images decode in a worker thread
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable cap before decoding
@@ -155,3 +161,55 @@ def _too_many_bytes(size: int, limits: ImageLimits, param: str) -> RequestError:
         f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes",
         status_code=413, code="image_too_large", param=param,
     )  # fmt: skip
+
+
+async def build_conversation(
+    request: ChatCompletionRequest, limits: ImageLimits, fetch_client
+) -> list[dict[str, Any]]:
+    """The messages in vLLM's chat format, every image decoded, checked and normalised.
+
+    ``fetch_client`` is a callable returning the shared ``httpx.AsyncClient`` (made lazily).
+    """
+    n_images = sum(
+        1 for m in request.messages if isinstance(m.content, list)
+        for p in m.content if p.type == "image_url"
+    )  # fmt: skip
+    if n_images > limits.max_images_per_request:
+        raise RequestError(
+            f"request has {n_images} images; at most {limits.max_images_per_request} are allowed",
+            code="too_many_images", param="messages",
+        )  # fmt: skip
+    conversation = []
+    for i, message in enumerate(request.messages):
+        role = "system" if message.role == "developer" else message.role
+        if not isinstance(message.content, list):
+            conversation.append({"role": role, "content": message.content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(message.content):
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+            else:
+                param = f"messages.{i}.content.{j}.image_url"
+                image = await load_image(part.image_url.url, limits, param, fetch_client)
+                parts.append({"type": "image_pil", "image_pil": image})
+        conversation.append({"role": role, "content": parts})
+    return conversation
+
+
+async def load_image(url: str, limits: ImageLimits, param: str, fetch_client) -> Image.Image:
+    """One image_url, from a data: URL or an allow-listed host, ready for the engine."""
+    from engine import metrics
+
+    started = time.perf_counter()
+    if url.startswith("data:"):
+        data = decode_data_url(url, limits, param=param)
+    else:
+        check_remote_url(url, limits, param=param)
+        data = await fetch_image_bytes(url, limits, param=param, client=fetch_client())
+    if len(data) > _INLINE_DECODE_BYTES:
+        image = await asyncio.to_thread(decode_image, data, limits, param=param)
+    else:
+        image = decode_image(data, limits, param=param)
+    metrics.IMAGE_PREPROCESS.observe(time.perf_counter() - started)
+    return image

@@ -1,25 +1,27 @@
 """The HTTP surface: OpenAI-compatible routes on FastAPI, served by Ray Serve.
 
 This is the one place errors become HTTP: ``RequestError`` -> 4xx, ``EngineError`` -> 5xx,
-both as OpenAI-style JSON. The deployment holds the primary model's engine in-process
-(see README, "Why the ingress and the engine share a replica").
+both as OpenAI-style JSON. The deployment holds the primary model's engine in-process and
+reaches fallback models through handles (``remote.RemoteModel``).
 
 Path of a chat request:
   1. parse the JSON body and validate it (``protocol.ChatCompletionRequest``);
-  2. resolve the model (404 if unknown);
-  3. check the image count, then fetch/decode/normalise every image (``images``);
-  4. render the chat with vLLM's renderer and validate it against the context (``llm``);
-  5. generate: stream SSE chunks, or collect one JSON body;
-  6. record metrics; a client that goes away closes the stream and aborts the request.
+  2. resolve the model (404 if unknown), the deadline and whether fallback is allowed;
+  3. decode and check every image (``images.build_conversation``);
+  4. route: primary, a fallback, or 429 (``routing.Router``), and admit;
+  5. render the chat with vLLM's renderer and validate it against the context (``llm``);
+  6. generate within the deadline: stream SSE chunks, or collect one JSON body;
+  7. release and record metrics; a client that goes away aborts the engine request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,37 +41,44 @@ from engine.protocol import (
     completion_body,
     error_body,
 )
+from engine.remote import RemoteModel
+from engine.routing import Router
 
-_INLINE_DECODE_BYTES = 256 * 1024  # larger images decode in a worker thread
-
+logger = logging.getLogger("ray.serve")
 app = FastAPI(title="qwen3vl-serve", docs_url=None, redoc_url=None)
+TIMEOUT_HEADER = "x-request-timeout-s"
+FALLBACK_HEADER = "x-allow-fallback"
 
 
 def error_response(exc: Exception) -> JSONResponse:
     """Every HTTP error body is made here."""
+    headers: dict[str, str] = {}
     if isinstance(exc, RequestError):
-        status, body = exc.status_code, error_body(
-            exc.message, error_type=exc.error_type, code=exc.code, param=exc.param
-        )
+        status, headers = exc.status_code, exc.headers
+        body = error_body(exc.message, error_type=exc.error_type, code=exc.code, param=exc.param)
     elif isinstance(exc, EngineError):
-        status, body = exc.status_code, error_body(
-            exc.message, error_type="server_error", code="engine_error"
-        )
+        status = exc.status_code
+        body = error_body(exc.message, error_type=exc.error_type, code=exc.code)
     elif isinstance(exc, StarletteHTTPException):
-        status, body = exc.status_code, error_body(
-            str(exc.detail), error_type="invalid_request_error", code=exc.status_code
-        )
+        status = exc.status_code
+        body = error_body(str(exc.detail), error_type="invalid_request_error", code=status)
     else:
-        status, body = 500, error_body(
-            f"internal error: {type(exc).__name__}", error_type="server_error", code="internal"
-        )
-    return JSONResponse(body, status_code=status)
+        status = 500
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", error_type="server_error",
+                          code="internal")  # fmt: skip
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @app.exception_handler(RequestError)
 @app.exception_handler(EngineError)
 @app.exception_handler(StarletteHTTPException)
 async def _handle(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(Exception)
+async def _handle_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in a request")
     return error_response(exc)
 
 
@@ -96,14 +105,57 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "list") or "[" in part)
 
 
+def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
+    """Seconds this request may take: the profile default, or the header's (bounded)."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return config.admission.request_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= config.admission.max_request_timeout_s:
+        raise RequestError(
+            f"{TIMEOUT_HEADER} must be a number of seconds in (0, "
+            f"{config.admission.max_request_timeout_s:g}], got {raw!r}",
+            code="invalid_timeout", param=TIMEOUT_HEADER,
+        )  # fmt: skip
+    return value
+
+
+def allow_fallback(headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig) -> bool:
+    """Strict mode: body ``allow_fallback: false`` or header ``x-allow-fallback: false``."""
+    if request.allow_fallback is not None:
+        return request.allow_fallback
+    raw = headers.get(FALLBACK_HEADER)
+    if raw is None:
+        return config.admission.allow_fallback_by_default
+    if raw.lower() in ("false", "0", "no", "never"):
+        return False
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    raise RequestError(f"{FALLBACK_HEADER} must be true or false, got {raw!r}",
+                       code="invalid_header", param=FALLBACK_HEADER)  # fmt: skip
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+# Helpers the deployment uses must be defined above it: Ray pickles the class by value.
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(app)
 class OpenAIServer:
-    """Ray Serve replica: the OpenAI API and the primary model's vLLM engine."""
+    """Ray Serve replica: the OpenAI API, the primary model's engine, handles to fallbacks."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, fallback_handles: dict[str, Any] | None = None) -> None:
         self.config = config
-        self.engines: dict[str, ModelEngine] = {config.primary.name: ModelEngine(config.primary)}
+        primary = ModelEngine(config.primary)
+        self.engines: dict[str, ModelEngine | RemoteModel] = {primary.name: primary}
+        for name, handle in (fallback_handles or {}).items():
+            self.engines[name] = RemoteModel(name, handle)
+        self.router = Router(config, kv_cache_usage={primary.name: lambda: primary.kv_cache_usage})
         self._http_client: Any = None
         self._model_cards = [
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "qwen3vl-serve"}
@@ -127,151 +179,152 @@ class OpenAIServer:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         payload, content_type = metrics.exposition()
+        remotes = [e for e in self.engines.values() if isinstance(e, RemoteModel)]
+        if remotes:  # fallback engines' vllm:* metrics live in their own replicas
+            texts = await asyncio.gather(*(r.metrics_text() for r in remotes), return_exceptions=True)
+            payload = metrics.merge_expositions([payload, *(t for t in texts if isinstance(t, bytes))])
         return Response(payload, media_type=content_type)
 
     async def check_health(self) -> None:
         """Ray Serve's replica health check: a dead engine gets the replica replaced."""
-        for engine in self.engines.values():
-            await engine.check_health()
+        primary = self.engines[self.config.primary.name]
+        await primary.check_health()
 
     # -- chat completions ----------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, raw: Request) -> Response:
         arrival = time.perf_counter()
         request = parse_request(await raw.body())
-        engine = self.engines.get(request.model)
-        if engine is None:
+        if request.model not in self.engines:
             raise RequestError(
                 f"model {request.model!r} does not exist; available: {sorted(self.engines)}",
                 status_code=404, code="model_not_found", param="model",
             )  # fmt: skip
+        deadline = arrival + deadline_s(raw.headers, self.config)
+        strict = not allow_fallback(raw.headers, request, self.config)
         try:
-            conversation = await self._conversation(request)
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            prepared = await engine.prepare(request_id, request, conversation)
+            conversation = await images.build_conversation(request, self.config.images, self._fetch_client)
+            route = self.router.choose(request.model, allow_fallback=not strict)
         except RequestError as exc:
+            if exc.status_code == 429:
+                metrics.REJECTIONS.labels(request.model, exc.code).inc()
+            metrics.REQUESTS.labels(request.model, "", str(exc.status_code)).inc()
+            raise
+        finally:
+            self._export_load()
+        engine = self.engines[route.served_model]
+        self.router.admit(engine.name)  # no await between choose and admit: no race
+        self._export_load()
+        released = False
+        try:
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            prepared = await self._within(deadline, engine.prepare(request_id, request, conversation), request)
+            if route.fell_back:
+                metrics.FALLBACKS.labels(request.model, engine.name).inc()
+            headers = {"x-served-model": engine.name, "x-request-id": request_id}
+            if request.stream:
+                released = True  # from here the stream releases
+                return StreamingResponse(
+                    self._stream(engine, prepared, request, arrival, deadline),
+                    media_type="text/event-stream", headers=headers,
+                )  # fmt: skip
+            text, usage, finish_reason = await self._within(
+                deadline, self._collect_unless_disconnected(raw, engine, prepared, arrival), request
+            )
+            body = completion_body(request_id, engine.name, text, finish_reason, usage)
+            metrics.REQUESTS.labels(request.model, engine.name, "200").inc()
+            return JSONResponse(body, headers=headers)
+        except (RequestError, EngineError) as exc:
             metrics.REQUESTS.labels(request.model, engine.name, str(exc.status_code)).inc()
             raise
-        headers = {"x-served-model": engine.name, "x-request-id": request_id}
-        if request.stream:
-            return StreamingResponse(
-                self._stream(engine, prepared, request, arrival),
-                media_type="text/event-stream",
-                headers=headers,
-            )
-        text, usage, finish_reason = await self._collect(engine, prepared, arrival)
-        body = completion_body(request_id, engine.name, text, finish_reason, usage)
-        return JSONResponse(body, headers=headers)
+        finally:
+            if not released:
+                self.router.release(engine.name)
+                self._export_load()
 
-    async def _conversation(self, request: ChatCompletionRequest) -> list[dict[str, Any]]:
-        """Messages in vLLM's chat format, with every image decoded and checked."""
-        limits = self.config.images
-        n_images = sum(
-            1
-            for m in request.messages
-            if isinstance(m.content, list)
-            for p in m.content
-            if p.type == "image_url"
-        )
-        if n_images > limits.max_images_per_request:
-            raise RequestError(
-                f"request has {n_images} images; at most {limits.max_images_per_request} "
-                "are allowed",
-                code="too_many_images", param="messages",
-            )  # fmt: skip
-        conversation = []
-        for i, message in enumerate(request.messages):
-            role = "system" if message.role == "developer" else message.role
-            if not isinstance(message.content, list):
-                conversation.append({"role": role, "content": message.content or ""})
-                continue
-            parts: list[dict[str, Any]] = []
-            for j, part in enumerate(message.content):
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    param = f"messages.{i}.content.{j}.image_url"
-                    image = await self._load_image(part.image_url.url, param)
-                    parts.append({"type": "image_pil", "image_pil": image})
-            conversation.append({"role": role, "content": parts})
-        return conversation
+    def _fetch_client(self):
+        if self._http_client is None:
+            import httpx
 
-    async def _load_image(self, url: str, param: str):
-        limits = self.config.images
-        started = time.perf_counter()
-        if url.startswith("data:"):
-            data = images.decode_data_url(url, limits, param=param)
-        else:
-            images.check_remote_url(url, limits, param=param)
-            if self._http_client is None:
-                import httpx
+            self._http_client = httpx.AsyncClient(follow_redirects=False)
+        return self._http_client
 
-                self._http_client = httpx.AsyncClient(follow_redirects=False)
-            data = await images.fetch_image_bytes(
-                url, limits, param=param, client=self._http_client
-            )
-        if len(data) > _INLINE_DECODE_BYTES:
-            image = await asyncio.to_thread(images.decode_image, data, limits, param=param)
-        else:
-            image = images.decode_image(data, limits, param=param)
-        metrics.IMAGE_PREPROCESS.observe(time.perf_counter() - started)
-        return image
+    def _export_load(self) -> None:
+        for load in self.router.loads.values():
+            metrics.IN_FLIGHT.labels(load.name).set(load.in_flight)
+            metrics.SATURATED.labels(load.name).set(1 if load.saturated else 0)
 
-    async def _collect(
-        self, engine: ModelEngine, prepared: PreparedRequest, arrival: float
-    ) -> tuple[str, Usage, str | None]:
+    async def _within(self, deadline: float, work, request: ChatCompletionRequest):
+        """Await ``work`` until the deadline; past it, cancel it (aborting the engine request)."""
+        try:
+            return await asyncio.wait_for(work, max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            metrics.REJECTIONS.labels(request.model, "deadline_exceeded").inc()
+            raise EngineError("the request did not finish within its deadline",
+                              status_code=504, code="deadline_exceeded",
+                              error_type="timeout_error") from None  # fmt: skip
+
+    async def _collect_unless_disconnected(self, raw: Request, engine, prepared, arrival):
+        """Collect the completion; if the client disconnects first, cancel (and so abort) it."""
+        collect = asyncio.ensure_future(self._collect(engine, prepared, arrival))
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            done, _ = await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if collect in done:
+                return collect.result()
+            collect.cancel()
+            metrics.REQUESTS.labels(prepared.request_id and engine.name, engine.name, "499").inc()
+            raise asyncio.CancelledError("client disconnected")
+        finally:
+            for task in (collect, disconnect):
+                task.cancel()
+
+    async def _collect(self, engine, prepared: PreparedRequest, arrival: float) -> tuple[str, Usage, str | None]:
         pieces: list[str] = []
         usage = Usage(prompt_tokens=prepared.prompt_tokens)
         finish_reason = None
-        first = True
-        try:
-            async for delta in engine.generate(prepared):
-                if first:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(
-                        time.perf_counter() - arrival
-                    )
-                    first = False
-                pieces.append(delta.text)
-                usage.completion_tokens += delta.num_tokens
-                finish_reason = delta.finish_reason or finish_reason
-        except EngineError as exc:
-            metrics.REQUESTS.labels(engine.name, engine.name, str(exc.status_code)).inc()
-            raise
+        async for delta in engine.generate(prepared):
+            if not pieces:
+                metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(time.perf_counter() - arrival)
+            pieces.append(delta.text)
+            usage.completion_tokens += delta.num_tokens
+            finish_reason = delta.finish_reason or finish_reason
         metrics.E2E_LATENCY.labels(engine.name).observe(time.perf_counter() - arrival)
-        metrics.REQUESTS.labels(engine.name, engine.name, "200").inc()
         return "".join(pieces), usage, finish_reason
 
-    async def _stream(
-        self,
-        engine: ModelEngine,
-        prepared: PreparedRequest,
-        request: ChatCompletionRequest,
-        arrival: float,
-    ) -> AsyncIterator[str]:
+    async def _stream(self, engine, prepared: PreparedRequest, request: ChatCompletionRequest,
+                      arrival: float, deadline: float) -> AsyncIterator[str]:  # fmt: skip
         encoder = ChunkEncoder(prepared.request_id, engine.name)
         usage = Usage(prompt_tokens=prepared.prompt_tokens)
         first = True
         status = "200"
         try:
-            async for delta in engine.generate(prepared):
-                usage.completion_tokens += delta.num_tokens
-                if first:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(
-                        time.perf_counter() - arrival
-                    )
-                    first = False
-                if delta.text or delta.finish_reason:
-                    yield encoder.delta(delta.text, delta.finish_reason)
+            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                async for delta in engine.generate(prepared):
+                    usage.completion_tokens += delta.num_tokens
+                    if first:
+                        metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(time.perf_counter() - arrival)
+                        first = False
+                    if delta.text or delta.finish_reason:
+                        yield encoder.delta(delta.text, delta.finish_reason)
             if request.include_usage:
                 yield encoder.usage(usage)
             metrics.E2E_LATENCY.labels(engine.name).observe(time.perf_counter() - arrival)
-        except EngineError as exc:
+        except TimeoutError:
             # Headers are gone already: the error travels as the last event.
+            status = "504"
+            metrics.REJECTIONS.labels(request.model, "deadline_exceeded").inc()
+            yield encoder.error(error_body("the request did not finish within its deadline",
+                                           error_type="timeout_error", code="deadline_exceeded"))  # fmt: skip
+        except EngineError as exc:
             status = str(exc.status_code)
-            yield encoder.error(error_body(exc.message, error_type="server_error", code="engine_error"))
+            yield encoder.error(error_body(exc.message, error_type=exc.error_type, code=exc.code))
         except asyncio.CancelledError:
             status = "499"  # client went away; leaving generate() aborted the engine request
             raise
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
+            self.router.release(engine.name)
+            self._export_load()
         yield ChunkEncoder.DONE
+

@@ -56,7 +56,15 @@ class ModelEngine:
             served_model_name=[config.name],
             **config.engine_kwargs,
         )
-        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        # Live load, refreshed by vLLM on every engine step (read by the router for free).
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+        self.llm = AsyncLLM.from_engine_args(
+            args,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[_load_logger_factory(self)],
+        )
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._default_sampling = self.llm.model_config.get_diff_sampling_param()
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
@@ -151,6 +159,26 @@ class ModelEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def _load_logger_factory(engine: ModelEngine):
+    """A vLLM stat logger that copies the scheduler's load numbers onto ``engine``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                engine.num_running = scheduler_stats.num_running_reqs
+                engine.num_waiting = scheduler_stats.num_waiting_reqs
+                engine.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LoadLogger
 
 
 def _client_error_code(message: str) -> str:

@@ -6,7 +6,7 @@ live in the same default registry and ``/metrics`` exposes both with one scrape.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,3 +38,48 @@ IMAGE_PREPROCESS = Histogram(
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric in this process."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+FALLBACKS = Counter(
+    "qwen3vl_fallbacks",
+    "Requests served by a fallback instead of the requested model.",
+    ["requested_model", "served_model"],
+)
+REJECTIONS = Counter(
+    "qwen3vl_rejections",
+    "Requests refused by admission control, by reason "
+    "(saturated_strict, queue_full, deadline_exceeded).",
+    ["requested_model", "reason"],
+)
+SATURATED = Gauge(
+    "qwen3vl_model_saturated",
+    "1 while this replica routes away from the model (saturated, with hysteresis), else 0.",
+    ["model"],
+)
+IN_FLIGHT = Gauge(
+    "qwen3vl_in_flight_requests",
+    "Requests this replica has admitted to the model and not finished: running plus queued. "
+    "The per-pod metric to autoscale on.",
+    ["model"],
+)
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """Merge Prometheus text from several processes (one family, many label sets)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.registry import Collector
+
+    families: dict[str, object] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name in families:
+                families[family.name].samples.extend(family.samples)  # type: ignore[attr-defined]
+            else:
+                families[family.name] = family
+
+    class _Merged(Collector):
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

@@ -73,6 +73,9 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = False
+    allow_fallback: bool | None = Field(
+        None, description="False: only the requested model may answer (429 when saturated)."
+    )
     min_tokens: int | None = Field(None, ge=0)
 
     @field_validator("stop")

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import DEFAULT_PROFILE
+from engine.config import CONFIG_DIR
 from tests.utils import LiveServer, free_port
 
 MODEL = "qwen3-vl-tiny"
+FALLBACK = "qwen3-vl-tiny-fallback"
+PRIMARY_SEQS, PRIMARY_QUEUE = 4, 16  # primary saturates at 4 in flight, queues at most 16 more
+FALLBACK_SEQS, FALLBACK_QUEUE = 8, 8
 
 
 class _ImageHost(http.server.ThreadingHTTPServer):
@@ -49,12 +52,16 @@ def image_host():
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> LiveServer:
-    """The default CPU profile with test-sized limits: 2 images per request, and 'localhost'
-    (not 127.0.0.1) allow-listed for image URLs."""
+    """The CPU fallback profile (two tiny engines) with test-sized limits: the primary runs
+    4 sequences, 2 images per request, and 'localhost' (not 127.0.0.1) allow-listed."""
     tmp: Path = tmp_path_factory.mktemp("server")
-    profile = yaml.safe_load(DEFAULT_PROFILE.read_text())
-    profile["images"]["max_images_per_request"] = 2
-    profile["images"]["allowed_url_hosts"] = ["localhost"]
+    profile = yaml.safe_load((CONFIG_DIR / "cpu-tiny-fallback.yaml").read_text())
+    primary, fallback = profile["models"]
+    primary["engine_kwargs"]["max_num_seqs"] = PRIMARY_SEQS
+    primary["saturation"]["max_queued_requests"] = PRIMARY_QUEUE
+    fallback["engine_kwargs"]["max_num_seqs"] = FALLBACK_SEQS
+    fallback["saturation"]["max_queued_requests"] = FALLBACK_QUEUE
+    profile["images"] = {"max_images_per_request": 2, "allowed_url_hosts": ["localhost"]}
     profile["server"]["port"] = free_port()
     config_path = tmp / "profile.yaml"
     config_path.write_text(yaml.safe_dump(profile))
@@ -71,7 +78,7 @@ def client(server):
     return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def async_client(server):
     from openai import AsyncOpenAI
 

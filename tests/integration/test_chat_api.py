@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL
+from tests.conftest import FALLBACK, MODEL
 from tests.utils import data_url, encode, image_message, noise_image
 
 pytestmark = pytest.mark.slow
@@ -108,12 +108,12 @@ def test_32_concurrent_image_requests_all_succeed(async_client):
 
 
 def test_models_lists_the_model(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, FALLBACK]
 
 
 def test_health_is_ok(server):
     response = httpx.get(server.base_url + "/health")
-    assert response.status_code == 200 and response.json()["models"] == [MODEL]
+    assert response.status_code == 200 and response.json()["models"] == [MODEL, FALLBACK]
 
 
 def test_metrics_parse_and_count_requests(server, client):

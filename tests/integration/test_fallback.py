@@ -1,0 +1,174 @@
+"""Load-based fallback, admission control, deadlines and cancellation on the live stack.
+
+The session server runs two tiny engines: the primary saturates at 4 requests in flight
+and queues at most 16 more; the fallback runs 8 and queues 8 (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import FALLBACK, FALLBACK_QUEUE, FALLBACK_SEQS, MODEL, PRIMARY_QUEUE, PRIMARY_SEQS
+from tests.utils import data_url, encode, image_message, noise_image
+
+pytestmark = pytest.mark.slow
+URL = data_url(encode(noise_image(96, 96, seed=9)))
+CAPACITY = PRIMARY_SEQS + PRIMARY_QUEUE + FALLBACK_SEQS + FALLBACK_QUEUE
+
+
+def _body(max_tokens: int = 48, **extra) -> dict:
+    return {"model": MODEL, "messages": image_message(URL), "max_tokens": max_tokens,
+            "ignore_eos": True, **extra}  # fmt: skip
+
+
+def _samples(base_url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == val for k, val in labels.items()))  # fmt: skip
+
+
+def _wait_idle(base_url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = _samples(base_url)
+        if _value(s, "qwen3vl_in_flight_requests") == 0 and _value(s, "vllm:num_requests_running") == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("server did not go idle")
+
+
+async def _burst(base_url: str, n_normal: int, n_strict: int) -> tuple[list, list]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300,
+                                 limits=httpx.Limits(max_connections=200)) as http:  # fmt: skip
+        async def send(strict: bool):
+            headers = {"x-allow-fallback": "false"} if strict else {}
+            response = await http.post("/v1/chat/completions", json=_body(), headers=headers)
+            return response.status_code, dict(response.headers), response.json()
+
+        normal = [send(False) for _ in range(n_normal)]
+        strict = [send(True) for _ in range(n_strict)]
+        results = await asyncio.gather(*normal, *strict)
+    return list(results[:n_normal]), list(results[n_normal:])
+
+
+def test_burst_overflows_to_fallback_and_strict_requests_get_429(server):
+    _wait_idle(server.base_url)
+    before = _samples(server.base_url)
+    normal, strict = asyncio.run(_burst(server.base_url, n_normal=CAPACITY - 4, n_strict=6))
+    assert all(status == 200 for status, _, _ in normal), [r[2] for r in normal if r[0] != 200]
+    served = [headers["x-served-model"] for _, headers, _ in normal]
+    assert all(h["x-served-model"] == body["model"] for _, h, body in normal)
+    assert served.count(FALLBACK) >= 1 and served.count(MODEL) >= PRIMARY_SEQS
+    rejected = [(h, body) for status, h, body in strict if status == 429]
+    assert rejected, "strict requests during the burst should be refused, not substituted"
+    for headers, body in rejected:
+        assert headers["retry-after"] == "1" and body["error"]["code"] == "saturated_strict"
+    assert all(h["x-served-model"] == MODEL for status, h, _ in strict if status == 200)
+
+    _wait_idle(server.base_url)
+    after = _samples(server.base_url)
+    fallbacks = _value(after, "qwen3vl_fallbacks_total", served_model=FALLBACK) - _value(
+        before, "qwen3vl_fallbacks_total", served_model=FALLBACK)  # fmt: skip
+    assert fallbacks == served.count(FALLBACK)
+    strict_429 = _value(after, "qwen3vl_rejections_total", reason="saturated_strict") - _value(
+        before, "qwen3vl_rejections_total", reason="saturated_strict")  # fmt: skip
+    assert strict_429 == len(rejected)
+    served_ok = _value(after, "qwen3vl_requests_total", served_model=FALLBACK, status="200") - _value(
+        before, "qwen3vl_requests_total", served_model=FALLBACK, status="200")  # fmt: skip
+    assert served_ok == served.count(FALLBACK)
+    assert _value(after, "qwen3vl_model_saturated", model=MODEL) == 0
+
+    # The burst is over: routing is back on the primary, even for strict requests.
+    again = httpx.post(server.base_url + "/v1/chat/completions", json=_body(4),
+                       headers={"x-allow-fallback": "false"}, timeout=60)  # fmt: skip
+    assert again.status_code == 200 and again.headers["x-served-model"] == MODEL
+
+
+def test_full_queues_give_429_with_retry_after_never_5xx(server):
+    _wait_idle(server.base_url)
+    normal, _ = asyncio.run(_burst(server.base_url, n_normal=CAPACITY + 16, n_strict=0))
+    statuses = [status for status, _, _ in normal]
+    assert all(s in (200, 429) for s in statuses), statuses
+    refused = [(h, b) for s, h, b in normal if s == 429]
+    assert refused and all(b["error"]["code"] == "queue_full" and h["retry-after"] == "1"
+                           for h, b in refused)  # fmt: skip
+    assert statuses.count(200) >= CAPACITY - 4
+    _wait_idle(server.base_url)
+
+
+def test_strict_mode_by_body_field(server):
+    _wait_idle(server.base_url)
+    response = httpx.post(server.base_url + "/v1/chat/completions",
+                          json=_body(4, allow_fallback=False), timeout=60)  # fmt: skip
+    assert response.status_code == 200 and response.json()["model"] == MODEL
+
+
+def _running(base_url: str, model: str) -> float:
+    return _value(_samples(base_url), "vllm:num_requests_running", model_name=model)
+
+
+def _wait_running(base_url: str, model: str, predicate, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = _running(base_url, model)
+        if predicate(running):
+            return time.monotonic()
+        time.sleep(0.2)
+    raise AssertionError(f"vllm:num_requests_running for {model} stayed {running}")
+
+
+LONG = 3500  # tokens; at a few ms per token this runs for many seconds unless aborted
+
+
+def test_client_disconnect_mid_stream_aborts_the_engine_request(server):
+    _wait_idle(server.base_url)
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                      json=_body(LONG, stream=True), timeout=60) as response:  # fmt: skip
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        _wait_running(server.base_url, MODEL, lambda r: r == 1, timeout_s=10)
+        assert _value(_samples(server.base_url), "qwen3vl_in_flight_requests", model=MODEL) == 1
+    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
+    _wait_idle(server.base_url)
+    assert _value(_samples(server.base_url), "qwen3vl_requests_total", status="499") >= 1
+
+
+def test_client_disconnect_non_streaming_aborts_the_engine_request(server):
+    _wait_idle(server.base_url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG), timeout=3)
+    # 3500 tokens take well over 10 s on this model; within 3 s means the request was aborted.
+    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
+    _wait_idle(server.base_url)
+
+
+def test_deadline_header_gives_504_and_aborts(server):
+    _wait_idle(server.base_url)
+    started = time.monotonic()
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG),
+                          headers={"x-request-timeout-s": "1.5"}, timeout=60)  # fmt: skip
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - started < 10
+    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
+
+
+def test_bad_deadline_header_is_a_400(server):
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(2),
+                          headers={"x-request-timeout-s": "soon"}, timeout=60)  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["param"] == "x-request-timeout-s"
