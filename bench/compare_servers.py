@@ -66,8 +66,14 @@ def _servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[s
     serve = [sys.executable, "-m", "engine", "serve", "--config"]
     return {
         "vllm-openai-server": (vllm_cmd, dict(model.env)),
-        "ours (Ray Serve, HAProxy + direct ingress)": ([*serve, str(ours)], {"QWEN3VL_RAY_LOGS": "0"}),
-        "ours (Ray Serve, default proxy actor)": ([*serve, str(proxied)], {"QWEN3VL_RAY_LOGS": "0"}),
+        "ours (Ray Serve, HAProxy + direct ingress)": (
+            [*serve, str(ours)],
+            {"QWEN3VL_RAY_LOGS": "0"},
+        ),
+        "ours (Ray Serve, default proxy actor)": (
+            [*serve, str(proxied)],
+            {"QWEN3VL_RAY_LOGS": "0"},
+        ),
     }
 
 
@@ -80,7 +86,9 @@ def _measure(name, cmd, env, port, model, tokenizer, args, log_dir: Path) -> dic
         wait_for_health(f"http://127.0.0.1:{port}/health", 900)
         ready_s = time.monotonic() - started
         base = f"http://127.0.0.1:{port}"
-        run_vllm_bench(base, model, tokenizer, num_prompts=args.warmup, concurrency=args.concurrency, seed=1)
+        run_vllm_bench(
+            base, model, tokenizer, num_prompts=args.warmup, concurrency=args.concurrency, seed=1
+        )
         result = run_vllm_bench(base, model, tokenizer, num_prompts=args.num_prompts,
                                 concurrency=args.concurrency, seed=0)  # fmt: skip
         return {"server": name, "ready_s": round(ready_s, 1), **{k: result.get(k) for k in METRICS}}
@@ -111,7 +119,9 @@ def _markdown(rows: list[dict], baseline: str) -> str:
     lines.append("")
     for name in dict.fromkeys(r["server"] for r in rows):
         ratios = [r["request_throughput"] / base[r["round"]] for r in rows if r["server"] == name]
-        lines.append(f"- {name}: mean ratio {statistics.mean(ratios):.2f}x over {len(ratios)} rounds")
+        lines.append(
+            f"- {name}: mean ratio {statistics.mean(ratios):.2f}x over {len(ratios)} rounds"
+        )
     return "\n".join(lines)
 
 
@@ -138,7 +148,9 @@ def main() -> None:
             order = list(servers) if round_no % 2 else list(reversed(servers))
             for name in order:
                 cmd, env = servers[name]
-                row = _measure(name, cmd, env, args.port, config.primary.name, tokenizer, args, args.out)
+                row = _measure(
+                    name, cmd, env, args.port, config.primary.name, tokenizer, args, args.out
+                )
                 rows.append({"round": round_no, **row})
                 print(json.dumps(rows[-1]), flush=True)
     meta = {

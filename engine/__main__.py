@@ -68,7 +68,9 @@ def stop() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.port is not None:
-        config = config.model_copy(update={"server": config.server.model_copy(update={"port": args.port})})
+        config = config.model_copy(
+            update={"server": config.server.model_copy(update={"port": args.port})}
+        )
     stopping = threading.Event()
     try:
         base = start(config)
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="serve a profile over HTTP")
-    serve_p.add_argument("--config", default=None, help=f"YAML profile (default {DEFAULT_PROFILE.name})")
+    serve_p.add_argument(
+        "--config", default=None, help=f"YAML profile (default {DEFAULT_PROFILE.name})"
+    )
     serve_p.add_argument("--port", type=int, default=None, help="override server.port")
     serve_p.set_defaults(func=cmd_serve)
     gen_p = sub.add_parser("generate", help="write a generated Qwen3-VL checkpoint, print its path")

@@ -32,6 +32,6 @@ def build_app(config: AppConfig) -> Application:
         ).bind(model)
         for model in config.fallbacks
     }
-    return OpenAIServer.options(
-        name="OpenAIServer", **config.primary.deployment_options()
-    ).bind(config, fallbacks)
+    return OpenAIServer.options(name="OpenAIServer", **config.primary.deployment_options()).bind(
+        config, fallbacks
+    )

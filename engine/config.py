@@ -150,7 +150,9 @@ class AdmissionConfig(_Strict):
     request_timeout_s: float = Field(
         300, gt=0, description="Default deadline; header x-request-timeout-s overrides it."
     )
-    max_request_timeout_s: float = Field(3600, gt=0, description="Largest deadline a header may ask.")
+    max_request_timeout_s: float = Field(
+        3600, gt=0, description="Largest deadline a header may ask."
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
     allow_fallback_by_default: bool = Field(
         True, description="Whether requests may be served by a fallback unless they opt out."

@@ -7,8 +7,8 @@ reaches fallback models through handles (``remote.RemoteModel``).
 Path of a chat request:
   1. parse the JSON body and validate it (``protocol.ChatCompletionRequest``);
   2. resolve the model (404 if unknown), the deadline and whether fallback is allowed;
-  3. decode and check every image (``images.build_conversation``);
-  4. route: primary, a fallback, or 429 (``routing.Router``), and admit;
+  3. route: primary, a fallback, or 429 (``routing.Router``), and admit;
+  4. decode and check every image (``images.build_conversation``);
   5. render the chat with vLLM's renderer and validate it against the context (``llm``);
   6. generate within the deadline: stream SSE chunks, or collect one JSON body;
   7. release and record metrics; a client that goes away aborts the engine request.
@@ -123,7 +123,9 @@ def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
     return value
 
 
-def allow_fallback(headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig) -> bool:
+def allow_fallback(
+    headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig
+) -> bool:
     """Strict mode: body ``allow_fallback: false`` or header ``x-allow-fallback: false``."""
     if request.allow_fallback is not None:
         return request.allow_fallback
@@ -158,7 +160,12 @@ class OpenAIServer:
         self.router = Router(config, kv_cache_usage={primary.name: lambda: primary.kv_cache_usage})
         self._http_client: Any = None
         self._model_cards = [
-            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "qwen3vl-serve"}
+            {
+                "id": name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "qwen3vl-serve",
+            }
             for name in self.engines
         ]
 
@@ -181,8 +188,12 @@ class OpenAIServer:
         payload, content_type = metrics.exposition()
         remotes = [e for e in self.engines.values() if isinstance(e, RemoteModel)]
         if remotes:  # fallback engines' vllm:* metrics live in their own replicas
-            texts = await asyncio.gather(*(r.metrics_text() for r in remotes), return_exceptions=True)
-            payload = metrics.merge_expositions([payload, *(t for t in texts if isinstance(t, bytes))])
+            texts = await asyncio.gather(
+                *(r.metrics_text() for r in remotes), return_exceptions=True
+            )
+            payload = metrics.merge_expositions(
+                [payload, *(t for t in texts if isinstance(t, bytes))]
+            )
         return Response(payload, media_type=content_type)
 
     async def check_health(self) -> None:
@@ -202,23 +213,26 @@ class OpenAIServer:
             )  # fmt: skip
         deadline = arrival + deadline_s(raw.headers, self.config)
         strict = not allow_fallback(raw.headers, request, self.config)
+        # Route before touching images: a refused request costs no decoding.
         try:
-            conversation = await images.build_conversation(request, self.config.images, self._fetch_client)
             route = self.router.choose(request.model, allow_fallback=not strict)
         except RequestError as exc:
-            if exc.status_code == 429:
-                metrics.REJECTIONS.labels(request.model, exc.code).inc()
+            metrics.REJECTIONS.labels(request.model, exc.code).inc()
             metrics.REQUESTS.labels(request.model, "", str(exc.status_code)).inc()
-            raise
-        finally:
             self._export_load()
+            raise
         engine = self.engines[route.served_model]
         self.router.admit(engine.name)  # no await between choose and admit: no race
         self._export_load()
         released = False
         try:
+            conversation = await images.build_conversation(
+                request, self.config.images, self._fetch_client
+            )
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            prepared = await self._within(deadline, engine.prepare(request_id, request, conversation), request)
+            prepared = await self._within(
+                deadline, engine.prepare(request_id, request, conversation), request
+            )
             if route.fell_back:
                 metrics.FALLBACKS.labels(request.model, engine.name).inc()
             headers = {"x-served-model": engine.name, "x-request-id": request_id}
@@ -229,8 +243,9 @@ class OpenAIServer:
                     media_type="text/event-stream", headers=headers,
                 )  # fmt: skip
             text, usage, finish_reason = await self._within(
-                deadline, self._collect_unless_disconnected(raw, engine, prepared, arrival), request
-            )
+                deadline, self._collect_unless_disconnected(raw, request, engine, prepared, arrival),
+                request,
+            )  # fmt: skip
             body = completion_body(request_id, engine.name, text, finish_reason, usage)
             metrics.REQUESTS.labels(request.model, engine.name, "200").inc()
             return JSONResponse(body, headers=headers)
@@ -264,7 +279,8 @@ class OpenAIServer:
                               status_code=504, code="deadline_exceeded",
                               error_type="timeout_error") from None  # fmt: skip
 
-    async def _collect_unless_disconnected(self, raw: Request, engine, prepared, arrival):
+    async def _collect_unless_disconnected(self, raw: Request, request: ChatCompletionRequest,
+                                           engine, prepared, arrival):  # fmt: skip
         """Collect the completion; if the client disconnects first, cancel (and so abort) it."""
         collect = asyncio.ensure_future(self._collect(engine, prepared, arrival))
         disconnect = asyncio.ensure_future(_wait_for_disconnect(raw))
@@ -273,19 +289,23 @@ class OpenAIServer:
             if collect in done:
                 return collect.result()
             collect.cancel()
-            metrics.REQUESTS.labels(prepared.request_id and engine.name, engine.name, "499").inc()
+            metrics.REQUESTS.labels(request.model, engine.name, "499").inc()
             raise asyncio.CancelledError("client disconnected")
         finally:
             for task in (collect, disconnect):
                 task.cancel()
 
-    async def _collect(self, engine, prepared: PreparedRequest, arrival: float) -> tuple[str, Usage, str | None]:
+    async def _collect(
+        self, engine, prepared: PreparedRequest, arrival: float
+    ) -> tuple[str, Usage, str | None]:
         pieces: list[str] = []
         usage = Usage(prompt_tokens=prepared.prompt_tokens)
         finish_reason = None
         async for delta in engine.generate(prepared):
             if not pieces:
-                metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(time.perf_counter() - arrival)
+                metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(
+                    time.perf_counter() - arrival
+                )
             pieces.append(delta.text)
             usage.completion_tokens += delta.num_tokens
             finish_reason = delta.finish_reason or finish_reason
@@ -303,7 +323,9 @@ class OpenAIServer:
                 async for delta in engine.generate(prepared):
                     usage.completion_tokens += delta.num_tokens
                     if first:
-                        metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(time.perf_counter() - arrival)
+                        metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(
+                            time.perf_counter() - arrival
+                        )
                         first = False
                     if delta.text or delta.finish_reason:
                         yield encoder.delta(delta.text, delta.finish_reason)
@@ -327,4 +349,3 @@ class OpenAIServer:
             self.router.release(engine.name)
             self._export_load()
         yield ChunkEncoder.DONE
-

@@ -6,7 +6,14 @@ live in the same default registry and ``/metrics`` exposes both with one scrape.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,6 +45,7 @@ IMAGE_PREPROCESS = Histogram(
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric in this process."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
 
 FALLBACKS = Counter(
     "qwen3vl_fallbacks",

@@ -54,7 +54,9 @@ class RemoteModel:
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
     ) -> PreparedRequest:
-        stream = self._handle.options(stream=True).generate.remote(request_id, request, conversation)
+        stream = self._handle.options(stream=True).generate.remote(
+            request_id, request, conversation
+        )
         try:
             prompt_tokens = await stream.__anext__()
         except RequestError as exc:  # Ray re-raises the replica's exception as a subclass
@@ -62,6 +64,9 @@ class RemoteModel:
             raise RequestError(
                 exc.message, status_code=exc.status_code, code=exc.code, param=exc.param
             ) from None
+        except BaseException:  # deadline or disconnect while the fallback renders
+            stream.cancel()
+            raise
         return PreparedRequest(request_id, stream, None, prompt_tokens)
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:

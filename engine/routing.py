@@ -10,7 +10,8 @@ bound on waiting.
 
 Decision for a request to model M with fallbacks F1..Fn:
   1. the first of M, F1..Fn (only M if the request is strict) that is not saturated;
-  2. else the first of them that is not full (bounded waiting);
+  2. else the one, of those not full, whose queue per running slot is shortest (bounded
+     waiting, least expected wait; ties go to the earlier in the list);
   3. else 429 with Retry-After.
 A strict request to a saturated M gets 429 at step 1 instead of a substitute.
 """
@@ -89,9 +90,12 @@ class Router:
         if not allow_fallback:
             raise self._reject(requested, "saturated_strict",
                                f"model {requested!r} is saturated and the request forbids fallback")  # fmt: skip
-        for load in loads:
-            if not load.full:
-                return Route(load.name, load.name != requested)
+        # Bounded waiting: queue where the wait is expected to be shortest (queue length per
+        # running slot), so a large fallback drains overflow instead of the small primary.
+        open_queues = [load for load in loads if not load.full]
+        if open_queues:
+            load = min(open_queues, key=lambda q: (q.waiting + 1) / q.policy.max_running_requests)
+            return Route(load.name, load.name != requested)
         raise self._reject(requested, "queue_full",
                            f"model {requested!r} and its fallbacks are saturated and their queues are full")  # fmt: skip
 

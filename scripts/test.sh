@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up if needed, then run the whole test suite (unit + live-server integration tests).
+# Set up if needed, then lint and run the whole test suite (unit + live-server integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check engine bench tests
+.venv/bin/ruff format --check --quiet engine bench tests
 exec .venv/bin/python -m pytest "$@"

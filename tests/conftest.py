@@ -68,7 +68,9 @@ def server(tmp_path_factory) -> LiveServer:
     live = LiveServer(config_path, profile["server"]["port"], tmp / "server.log")
     yield live
     code = live.stop()
-    assert code == 0, f"server did not shut down cleanly on SIGTERM (exit {code}):\n{live.log_tail()}"
+    assert code == 0, (
+        f"server did not shut down cleanly on SIGTERM (exit {code}):\n{live.log_tail()}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,4 +84,6 @@ def client(server):
 def async_client(server):
     from openai import AsyncOpenAI
 
-    return AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return AsyncOpenAI(
+        base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300
+    )

@@ -160,8 +160,10 @@ def _write_checkpoint(preset: Preset, out: Path) -> None:
             head_dim=preset.head_dim,
             max_position_embeddings=preset.max_position_embeddings,
             rope_parameters={
-                "rope_type": "default", "rope_theta": 5_000_000.0,
-                "mrope_section": [8, 12, 12], "mrope_interleaved": True,
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [8, 12, 12],
+                "mrope_interleaved": True,
             },
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],

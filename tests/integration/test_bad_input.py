@@ -108,7 +108,7 @@ def test_not_allow_listed_url_is_never_fetched(server, image_host):
 
 @pytest.mark.parametrize(
     "raw_body",
-    [b"{not json", b"[1, 2, 3]", b"", "{\"model\": \"\u00ff".encode("latin-1")],
+    [b"{not json", b"[1, 2, 3]", b"", '{"model": "\u00ff'.encode("latin-1")],
     ids=["malformed", "array", "empty", "bad-utf8"],
 )
 def test_malformed_json_gets_400(server, raw_body):

@@ -18,7 +18,9 @@ PNG_URL = data_url(encode(noise_image(336, 336, seed=1)))
 
 def test_image_chat_returns_text_and_usage(client):
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=image_message(PNG_URL), max_tokens=12,
+        model=MODEL,
+        messages=image_message(PNG_URL),
+        max_tokens=12,
         extra_body={"ignore_eos": True},
     )
     assert raw.headers["x-served-model"] == MODEL

@@ -13,7 +13,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FALLBACK, FALLBACK_QUEUE, FALLBACK_SEQS, MODEL, PRIMARY_QUEUE, PRIMARY_SEQS
+from tests.conftest import (
+    FALLBACK,
+    FALLBACK_QUEUE,
+    FALLBACK_SEQS,
+    MODEL,
+    PRIMARY_QUEUE,
+    PRIMARY_SEQS,
+)
 from tests.utils import data_url, encode, image_message, noise_image
 
 pytestmark = pytest.mark.slow
@@ -44,7 +51,10 @@ def _wait_idle(base_url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         s = _samples(base_url)
-        if _value(s, "qwen3vl_in_flight_requests") == 0 and _value(s, "vllm:num_requests_running") == 0:
+        if (
+            _value(s, "qwen3vl_in_flight_requests") == 0
+            and _value(s, "vllm:num_requests_running") == 0
+        ):
             return
         time.sleep(0.5)
     raise AssertionError("server did not go idle")
@@ -53,6 +63,7 @@ def _wait_idle(base_url: str, timeout_s: float = 60) -> None:
 async def _burst(base_url: str, n_normal: int, n_strict: int) -> tuple[list, list]:
     async with httpx.AsyncClient(base_url=base_url, timeout=300,
                                  limits=httpx.Limits(max_connections=200)) as http:  # fmt: skip
+
         async def send(strict: bool):
             headers = {"x-allow-fallback": "false"} if strict else {}
             response = await http.post("/v1/chat/completions", json=_body(), headers=headers)
@@ -171,4 +182,6 @@ def test_deadline_header_gives_504_and_aborts(server):
 def test_bad_deadline_header_is_a_400(server):
     response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(2),
                           headers={"x-request-timeout-s": "soon"}, timeout=60)  # fmt: skip
-    assert response.status_code == 400 and response.json()["error"]["param"] == "x-request-timeout-s"
+    assert (
+        response.status_code == 400 and response.json()["error"]["param"] == "x-request-timeout-s"
+    )

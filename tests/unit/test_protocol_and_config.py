@@ -36,18 +36,27 @@ def test_parse_request_names_the_deepest_field():
 @pytest.mark.parametrize("n", [0, 2])
 def test_only_n_1_is_served(n):
     with pytest.raises(RequestError) as info:
-        parse_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": n}).encode())
+        parse_request(
+            json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": n}
+            ).encode()
+        )
     assert info.value.param == "n"
 
 
 def test_chunks_are_valid_sse_json():
     encoder = ChunkEncoder("chatcmpl-1", "model-a")
-    first, middle, last = encoder.delta("你好"), encoder.delta("\"x\""), encoder.delta("", "stop")
+    first, middle, last = encoder.delta("你好"), encoder.delta('"x"'), encoder.delta("", "stop")
     usage = encoder.usage(Usage(prompt_tokens=3, completion_tokens=2))
     parsed = [json.loads(c.removeprefix("data: ").strip()) for c in (first, middle, last, usage)]
     assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": "你好"}
-    assert parsed[1]["choices"][0]["delta"] == {"content": "\"x\""}
-    assert parsed[2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert parsed[1]["choices"][0]["delta"] == {"content": '"x"'}
+    assert parsed[2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     assert parsed[3]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert all(p["model"] == "model-a" and p["id"] == "chatcmpl-1" for p in parsed)
 
@@ -76,3 +85,23 @@ def test_routing_must_name_configured_models():
 def test_unknown_profile_keys_are_rejected():
     with pytest.raises(ValueError, match="Extra inputs"):
         AppConfig.model_validate({"models": [{"name": "a", "model": "x", "engine_kwrags": {}}]})
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_deployment_options_are_valid_ray_serve_options(path):
+    from ray.serve.config import AutoscalingConfig
+
+    for model in load_config(path).models:
+        options = model.deployment_options()
+        if "autoscaling_config" in options:
+            assert "num_replicas" not in options
+            scaling = AutoscalingConfig(**options["autoscaling_config"])
+            assert scaling.min_replicas <= scaling.max_replicas
+        assert model.saturation_policy().max_running_requests >= 1
+
+
+def test_gpu_primary_autoscales_and_saturates_before_its_queue():
+    primary = load_config(CONFIG_DIR / "gpu-qwen3-vl-8b.yaml").primary
+    policy = primary.saturation_policy()
+    assert policy.max_running_requests == primary.engine_kwargs["max_num_seqs"]
+    assert primary.autoscaling_config["target_ongoing_requests"] < policy.max_running_requests

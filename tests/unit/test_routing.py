@@ -76,3 +76,21 @@ def test_requesting_the_fallback_by_name_has_no_further_fallback():
     assert _fill(router, 2) == ["big", "big"]
     route = router.choose("small", True)
     assert route.served_model == "small" and not route.fell_back
+
+
+def test_when_all_are_saturated_requests_queue_where_the_wait_is_shortest():
+    config = AppConfig.model_validate({
+        "models": [
+            {"name": "big", "model": "x", "engine_kwargs": {"max_num_seqs": 2},
+             "saturation": {"max_queued_requests": 8}},
+            {"name": "small", "model": "y", "engine_kwargs": {"max_num_seqs": 8},
+             "saturation": {"max_queued_requests": 8}},
+        ],
+        "routing": {"primary": "big", "fallbacks": ["small"]},
+    })  # fmt: skip
+    router = Router(config)
+    served = _fill(router, 2 + 8 + 5)
+    assert served[:10] == ["big"] * 2 + ["small"] * 8
+    # Expected wait = (queued + 1) / slots: big 1/2 vs small 1/8, 2/8, 3/8, then 4/8 ties
+    # with big's 1/2 (the earlier tier wins), then big's 2/2 loses to small's 4/8.
+    assert served[10:] == ["small", "small", "small", "big", "small"]
