@@ -175,6 +175,12 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--primary-seqs", type=int, default=4, help="primary max_num_seqs")
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help="override every model's saturation.max_queued_requests",
+    )
     parser.add_argument("--port", type=int, default=8124)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +189,9 @@ def main() -> None:
     profile["server"]["port"] = args.port
     primary, fallback = profile["models"][0], profile["models"][1]
     primary["engine_kwargs"]["max_num_seqs"] = args.primary_seqs
+    if args.max_queued is not None:
+        for model in profile["models"]:
+            model.setdefault("saturation", {})["max_queued_requests"] = args.max_queued
     off = json.loads(json.dumps(profile))
     off["routing"]["fallbacks"] = []
     images = _images(200)

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import images, metrics
@@ -224,7 +225,8 @@ class OpenAIServer:
         engine = self.engines[route.served_model]
         self.router.admit(engine.name)  # no await between choose and admit: no race
         self._export_load()
-        released = False
+        release = self._releaser(engine.name)
+        streaming = False
         try:
             conversation = await images.build_conversation(
                 request, self.config.images, self._fetch_client
@@ -237,10 +239,12 @@ class OpenAIServer:
                 metrics.FALLBACKS.labels(request.model, engine.name).inc()
             headers = {"x-served-model": engine.name, "x-request-id": request_id}
             if request.stream:
-                released = True  # from here the stream releases
+                streaming = True  # from here the stream releases (or, if it never starts,
+                # the background task Starlette runs after the response)
                 return StreamingResponse(
-                    self._stream(engine, prepared, request, arrival, deadline),
+                    self._stream(engine, prepared, request, arrival, deadline, release),
                     media_type="text/event-stream", headers=headers,
+                    background=BackgroundTask(release),
                 )  # fmt: skip
             text, usage, finish_reason = await self._within(
                 deadline, self._collect_unless_disconnected(raw, request, engine, prepared, arrival),
@@ -253,9 +257,8 @@ class OpenAIServer:
             metrics.REQUESTS.labels(request.model, engine.name, str(exc.status_code)).inc()
             raise
         finally:
-            if not released:
-                self.router.release(engine.name)
-                self._export_load()
+            if not streaming:
+                release()
 
     def _fetch_client(self):
         if self._http_client is None:
@@ -263,6 +266,19 @@ class OpenAIServer:
 
             self._http_client = httpx.AsyncClient(follow_redirects=False)
         return self._http_client
+
+    def _releaser(self, name: str):
+        """An idempotent release of one admitted request."""
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.router.release(name)
+                self._export_load()
+
+        return release
 
     def _export_load(self) -> None:
         for load in self.router.loads.values():
@@ -313,7 +329,7 @@ class OpenAIServer:
         return "".join(pieces), usage, finish_reason
 
     async def _stream(self, engine, prepared: PreparedRequest, request: ChatCompletionRequest,
-                      arrival: float, deadline: float) -> AsyncIterator[str]:  # fmt: skip
+                      arrival: float, deadline: float, release) -> AsyncIterator[str]:  # fmt: skip
         encoder = ChunkEncoder(prepared.request_id, engine.name)
         usage = Usage(prompt_tokens=prepared.prompt_tokens)
         first = True
@@ -346,6 +362,5 @@ class OpenAIServer:
             raise
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
-            self.router.release(engine.name)
-            self._export_load()
+            release()
         yield ChunkEncoder.DONE

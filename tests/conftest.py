@@ -16,6 +16,7 @@ MODEL = "qwen3-vl-tiny"
 FALLBACK = "qwen3-vl-tiny-fallback"
 PRIMARY_SEQS, PRIMARY_QUEUE = 4, 16  # primary saturates at 4 in flight, queues at most 16 more
 FALLBACK_SEQS, FALLBACK_QUEUE = 8, 8
+CONTEXT = 8192  # the tiny model's full context: long generations for the cancellation tests
 
 
 class _ImageHost(http.server.ThreadingHTTPServer):
@@ -57,6 +58,8 @@ def server(tmp_path_factory) -> LiveServer:
     tmp: Path = tmp_path_factory.mktemp("server")
     profile = yaml.safe_load((CONFIG_DIR / "cpu-tiny-fallback.yaml").read_text())
     primary, fallback = profile["models"]
+    for model in (primary, fallback):
+        model["engine_kwargs"]["max_model_len"] = CONTEXT
     primary["engine_kwargs"]["max_num_seqs"] = PRIMARY_SEQS
     primary["saturation"]["max_queued_requests"] = PRIMARY_QUEUE
     fallback["engine_kwargs"]["max_num_seqs"] = FALLBACK_SEQS

@@ -7,7 +7,7 @@ import base64
 import httpx
 import pytest
 
-from tests.conftest import MODEL
+from tests.conftest import CONTEXT, MODEL
 from tests.utils import data_url, encode, image_message, noise_image, png_header_only
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _images(n: int) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": "compare"}, *parts]}]
 
 
-LONG_TEXT = "tag this product please " * 2000  # ~8k tokens > the 4096-token context
+LONG_TEXT = "tag this product please " * (CONTEXT // 2)  # well over CONTEXT tokens
 
 CASES = {
     # name: (body, expected status, expected error.code, words the message must contain)
@@ -58,11 +58,11 @@ CASES = {
     "empty messages": (_chat([]), 400, "invalid_request", ["messages"]),
     "prompt longer than the context": (
         _chat([{"role": "user", "content": LONG_TEXT}]),
-        400, "context_length_exceeded", ["4096"],
+        400, "context_length_exceeded", [str(CONTEXT)],
     ),
     "max_tokens beyond the context": (
         _chat(image_message(GOOD_URL), max_tokens=100_000),
-        400, "context_length_exceeded", ["max_tokens", "4096"],
+        400, "context_length_exceeded", ["max_tokens", str(CONTEXT)],
     ),
     "temperature out of range": (
         _chat(image_message(GOOD_URL), temperature=7), 400, "invalid_request", ["temperature"],

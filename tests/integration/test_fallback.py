@@ -7,6 +7,7 @@ and queues at most 16 more; the fallback runs 8 and queues 8 (tests/conftest.py)
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
+    CONTEXT,
     FALLBACK,
     FALLBACK_QUEUE,
     FALLBACK_SEQS,
@@ -26,6 +28,7 @@ from tests.utils import data_url, encode, image_message, noise_image
 pytestmark = pytest.mark.slow
 URL = data_url(encode(noise_image(96, 96, seed=9)))
 CAPACITY = PRIMARY_SEQS + PRIMARY_QUEUE + FALLBACK_SEQS + FALLBACK_QUEUE
+BURST_TOKENS = 1000  # long enough that a whole burst is in flight at once
 
 
 def _body(max_tokens: int = 48, **extra) -> dict:
@@ -66,7 +69,9 @@ async def _burst(base_url: str, n_normal: int, n_strict: int) -> tuple[list, lis
 
         async def send(strict: bool):
             headers = {"x-allow-fallback": "false"} if strict else {}
-            response = await http.post("/v1/chat/completions", json=_body(), headers=headers)
+            response = await http.post(
+                "/v1/chat/completions", json=_body(BURST_TOKENS), headers=headers
+            )
             return response.status_code, dict(response.headers), response.json()
 
         normal = [send(False) for _ in range(n_normal)]
@@ -141,42 +146,69 @@ def _wait_running(base_url: str, model: str, predicate, timeout_s: float) -> flo
     raise AssertionError(f"vllm:num_requests_running for {model} stayed {running}")
 
 
-LONG = 3500  # tokens; at a few ms per token this runs for many seconds unless aborted
+LONG = CONTEXT - 200  # tokens: seconds of generation even for the tiny model
+
+
+def _generated(base_url: str) -> float:
+    """Tokens the primary's engine has generated so far (vLLM's own counter)."""
+    return _value(_samples(base_url), "vllm:generation_tokens_total", model_name=MODEL)
+
+
+def _assert_aborted_early(base_url: str, generated_before: float) -> None:
+    """The engine stopped the request: running is back to 0 and it generated far fewer than
+    the LONG tokens it was asked for (vLLM does not count client aborts in its
+    request_success counter, so the token counter is the engine-side proof)."""
+    _wait_running(base_url, MODEL, lambda r: r == 0, timeout_s=3)
+    _wait_idle(base_url)
+    generated = _generated(base_url) - generated_before
+    assert 0 < generated < LONG / 2, f"the engine generated {generated} of {LONG} tokens"
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(server):
     _wait_idle(server.base_url)
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions",
-                      json=_body(LONG, stream=True), timeout=60) as response:  # fmt: skip
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        for _ in range(6):
-            next(lines)
-        _wait_running(server.base_url, MODEL, lambda r: r == 1, timeout_s=10)
-        assert _value(_samples(server.base_url), "qwen3vl_in_flight_requests", model=MODEL) == 1
-    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
-    _wait_idle(server.base_url)
+    generated_before = _generated(server.base_url)
+    hang_up, streaming, served = threading.Event(), threading.Event(), []
+
+    def client() -> None:  # reads the stream like a real client, then hangs up mid-way
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                          json=_body(LONG, stream=True, allow_fallback=False), timeout=60) as response:  # fmt: skip
+            served.append((response.status_code, response.headers["x-served-model"]))
+            for _ in response.iter_lines():
+                streaming.set()
+                if hang_up.is_set():
+                    return
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    try:
+        assert streaming.wait(30)
+        assert served == [(200, MODEL)]
+    finally:
+        hang_up.set()
+        reader.join(30)
+    _assert_aborted_early(server.base_url, generated_before)
     assert _value(_samples(server.base_url), "qwen3vl_requests_total", status="499") >= 1
 
 
 def test_client_disconnect_non_streaming_aborts_the_engine_request(server):
     _wait_idle(server.base_url)
+    generated_before = _generated(server.base_url)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG), timeout=3)
-    # 3500 tokens take well over 10 s on this model; within 3 s means the request was aborted.
-    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
-    _wait_idle(server.base_url)
+        httpx.post(server.base_url + "/v1/chat/completions",
+                   json=_body(LONG, allow_fallback=False), timeout=0.5)  # fmt: skip
+    _assert_aborted_early(server.base_url, generated_before)
 
 
 def test_deadline_header_gives_504_and_aborts(server):
     _wait_idle(server.base_url)
+    generated_before = _generated(server.base_url)
     started = time.monotonic()
-    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG),
-                          headers={"x-request-timeout-s": "1.5"}, timeout=60)  # fmt: skip
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG, allow_fallback=False),
+                          headers={"x-request-timeout-s": "0.3"}, timeout=60)  # fmt: skip
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert time.monotonic() - started < 10
-    _wait_running(server.base_url, MODEL, lambda r: r == 0, timeout_s=3)
+    _assert_aborted_early(server.base_url, generated_before)
 
 
 def test_bad_deadline_header_is_a_400(server):
