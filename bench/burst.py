@@ -198,6 +198,14 @@ def main() -> None:
     bodies = [_body(primary["name"], url, args.output_tokens) for url in images]
 
     report: dict = {"settings": vars(args) | {"config": str(args.config), "out": str(args.out)}}
+
+    def burst(server: Server, rate: float, label: str, warm_up: bool) -> None:
+        if warm_up:  # the "off" server is already warm from the capacity measurement
+            asyncio.run(closed_loop(server.base, bodies[:16], args.primary_seqs))
+        results = asyncio.run(open_loop(server.base, bodies, rate, args.duration_s, seed=1))
+        report[f"fallback_{label}"] = summarise(results, fallback["name"])
+        print(label, report[f"fallback_{label}"], flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(off, Path(tmp), "off")
         try:
@@ -206,21 +214,12 @@ def main() -> None:
             rate = args.factor * capacity
             report |= {"primary_capacity_rps": capacity, "burst_rate_rps": rate}
             print(f"primary capacity {capacity:.2f} req/s; burst {rate:.2f} req/s", flush=True)
-            report["fallback_off"] = summarise(
-                asyncio.run(open_loop(server.base, bodies, rate, args.duration_s, seed=1)),
-                fallback["name"],
-            )
-            print("off", report["fallback_off"], flush=True)
+            burst(server, rate, "off", warm_up=False)
         finally:
             server.stop()
         server = Server(profile, Path(tmp), "on")
         try:
-            asyncio.run(closed_loop(server.base, bodies[:16], args.primary_seqs))  # warm-up
-            report["fallback_on"] = summarise(
-                asyncio.run(open_loop(server.base, bodies, rate, args.duration_s, seed=1)),
-                fallback["name"],
-            )
-            print("on", report["fallback_on"], flush=True)
+            burst(server, rate, "on", warm_up=True)
         finally:
             server.stop()
     on, off_ = report["fallback_on"], report["fallback_off"]
