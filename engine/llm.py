@@ -56,9 +56,7 @@ class ModelEngine:
             served_model_name=[config.name],
             **config.engine_kwargs,
         )
-        # Live load, refreshed by vLLM on every engine step (read by the router for free).
-        self.num_running = 0
-        self.num_waiting = 0
+        # KV-cache usage (0..1), refreshed by vLLM on every engine step; the router reads it.
         self.kv_cache_usage = 0.0
         self.llm = AsyncLLM.from_engine_args(
             args,
@@ -149,10 +147,6 @@ class ModelEngine:
         except EngineGenerateError as exc:
             raise EngineError(f"generation failed: {exc.__cause__ or exc}") from exc
 
-    @property
-    def is_healthy(self) -> bool:
-        return not self.llm.errored
-
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
         await self.llm.check_health()
@@ -162,7 +156,7 @@ class ModelEngine:
 
 
 def _load_logger_factory(engine: ModelEngine):
-    """A vLLM stat logger that copies the scheduler's load numbers onto ``engine``."""
+    """A vLLM stat logger that copies the scheduler's KV-cache usage onto ``engine``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LoadLogger(StatLoggerBase):
@@ -171,8 +165,6 @@ def _load_logger_factory(engine: ModelEngine):
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
             if scheduler_stats is not None:
-                engine.num_running = scheduler_stats.num_running_reqs
-                engine.num_waiting = scheduler_stats.num_waiting_reqs
                 engine.kv_cache_usage = scheduler_stats.kv_cache_usage
 
         def log_engine_initialized(self) -> None:
