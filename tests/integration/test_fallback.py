@@ -155,13 +155,14 @@ def _generated(base_url: str) -> float:
 
 
 def _assert_aborted_early(base_url: str, generated_before: float) -> None:
-    """The engine stopped the request: running is back to 0 and it generated far fewer than
-    the LONG tokens it was asked for (vLLM does not count client aborts in its
+    """The engine stopped the request: running is back to 0 and it generated fewer than the
+    LONG tokens it was asked for (vLLM does not count client aborts in its
     request_success counter, so the token counter is the engine-side proof)."""
     _wait_running(base_url, MODEL, lambda r: r == 0, timeout_s=3)
     _wait_idle(base_url)
     generated = _generated(base_url) - generated_before
-    assert 0 < generated < LONG / 2, f"the engine generated {generated} of {LONG} tokens"
+    # With ignore_eos a request that is not aborted generates exactly LONG tokens.
+    assert 0 < generated < LONG, f"the engine generated {generated} of {LONG} tokens"
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(server):
