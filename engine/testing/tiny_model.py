@@ -7,7 +7,7 @@ chat format, an image-processor config and a generation config.
 
 Presets:
   tiny   tests; well under 1M parameters.
-  small  benchmarks; ~150M parameters, hidden/intermediate sizes multiples of 128 so
+  small  benchmarks; ~170M parameters, hidden/intermediate sizes multiples of 128 so
          vLLM's INT8/INT4 CPU kernels apply to its linear layers.
 head_dim is 64 in both (vLLM's CPU attention backend rejects 16).
 """
