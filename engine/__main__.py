@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 
-from engine.config import DEFAULT_PROFILE, AppConfig, load_config
+from engine.config import DEFAULT_PROFILE, AppConfig, load_config, tier_config
 
 
 def wait_for_health(url: str, timeout_s: float) -> None:
@@ -66,11 +66,11 @@ def stop() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if args.port is not None:
-        config = config.model_copy(
-            update={"server": config.server.model_copy(update={"port": args.port})}
-        )
+    config = tier_config(load_config(args.config), args.serve_only,
+                         dict(r.split("=", 1) for r in args.remote), args.single_replica)  # fmt: skip
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    if overrides:
+        config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     stopping = threading.Event()
     try:
         base = start(config)
@@ -100,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default=None, help=f"YAML profile (default {DEFAULT_PROFILE.name})"
     )
     serve_p.add_argument("--port", type=int, default=None, help="override server.port")
+    serve_p.add_argument(
+        "--host", default=None, help="override server.host (0.0.0.0 in a container)"
+    )
+    serve_p.add_argument("--serve-only", metavar="MODEL", help="serve just this model of the "
+                         "profile, as primary (a fallback tier's pods)")  # fmt: skip
+    serve_p.add_argument("--remote", metavar="MODEL=URL", action="append", default=[],
+                         help="reach this fallback at URL instead of running it here")  # fmt: skip
+    serve_p.add_argument("--single-replica", action="store_true", help="one replica per model, "
+                         "no Ray Serve autoscaling (Kubernetes scales the pods)")  # fmt: skip
     serve_p.set_defaults(func=cmd_serve)
     gen_p = sub.add_parser("generate", help="write a generated Qwen3-VL checkpoint, print its path")
     gen_p.add_argument("preset", nargs="?", default="tiny", choices=["tiny", "small"])

@@ -31,7 +31,14 @@ def build_app(config: AppConfig) -> Application:
             name=deployment_name(model.name), **model.deployment_options()
         ).bind(model)
         for model in config.fallbacks
+        if model.url is None  # remote tiers run elsewhere
     }
     return OpenAIServer.options(name="OpenAIServer", **config.primary.deployment_options()).bind(
         config, fallbacks
     )
+
+
+def app_builder(args: dict) -> Application:
+    """Ray Serve application builder for a Ray cluster deploy (KubeRay's RayService:
+    ``import_path: engine.app:app_builder``); ``args["profile"]`` is the YAML profile, inlined."""
+    return build_app(AppConfig.model_validate(args["profile"]))

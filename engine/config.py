@@ -78,8 +78,15 @@ class ModelConfig(_Strict):
 
     name: str = Field(description="Model id clients send in `model` and see in /v1/models.")
     model: str = Field(
+        "",
         description="HF repo id, local checkpoint dir, or 'generated:tiny'/'generated:small' "
-        "for a checkpoint the project generates (engine/testing/tiny_model.py)."
+        "for a checkpoint the project generates (engine/testing/tiny_model.py).",
+    )
+    url: str | None = Field(
+        None,
+        description="Fallbacks only: base URL of another server of this project that serves "
+        "this model (in Kubernetes, the fallback tier's Service). No engine starts here; "
+        "overflow requests are forwarded there over HTTP, strict and streaming.",
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed as is to vLLM's AsyncEngineArgs."
@@ -103,6 +110,12 @@ class ModelConfig(_Strict):
         "num_replicas when set.",
     )
     saturation: SaturationPolicy = Field(default_factory=SaturationPolicy)
+
+    @model_validator(mode="after")
+    def _model_or_url(self) -> ModelConfig:
+        if bool(self.model) == bool(self.url):
+            raise ValueError(f"model {self.name!r}: set exactly one of `model` and `url`")
+        return self
 
     def saturation_policy(self) -> SaturationPolicy:
         """The policy with max_running_requests filled in from the engine's max_num_seqs."""
@@ -195,6 +208,10 @@ class AppConfig(_Strict):
             for name in [self.routing.primary, *self.routing.fallbacks]:
                 if name not in names:
                     raise ValueError(f"routing names {name!r}, which is not in models {names}")
+        if self.primary.url:
+            raise ValueError(
+                f"the primary model {self.primary.name!r} needs a local `model`, not a `url`"
+            )
         return self
 
     @property
@@ -209,8 +226,41 @@ class AppConfig(_Strict):
 
     @property
     def fallbacks(self) -> list[ModelConfig]:
-        """Models served by their own deployments, reached through handles."""
+        """Models served by their own deployments (handles) or, with ``url``, over HTTP."""
         return [m for m in self.models if m.name != self.primary.name]
+
+
+def tier_config(
+    config: AppConfig,
+    serve_only: str | None = None,
+    remotes: dict[str, str] | None = None,
+    single_replica: bool = False,
+) -> AppConfig:
+    """The profile as one Kubernetes tier runs it (one Deployment per model tier):
+
+    - ``serve_only``: this pod serves just that model, as its primary (the fallback tier);
+    - ``remotes``: these fallbacks live in another tier, reached at the URL (the primary tier);
+    - ``single_replica``: one replica per model and no Ray Serve autoscaling; the HPA scales pods.
+    """
+    models = list(config.models)
+    routing = config.routing
+    if serve_only is not None:
+        models = [m for m in models if m.name == serve_only]
+        if not models:
+            raise ValueError(f"--serve-only {serve_only!r} is not in {config.model_names}")
+        routing = None
+    for name, url in (remotes or {}).items():
+        if name not in [m.name for m in models] or name == config.primary.name:
+            raise ValueError(f"--remote {name!r} must name a fallback of {config.model_names}")
+        models = [m.model_copy(update={"model": "", "url": url}) if m.name == name else m
+                  for m in models]  # fmt: skip
+    if single_replica:
+        models = [m.model_copy(update={"num_replicas": 1, "autoscaling_config": None})
+                  for m in models]  # fmt: skip
+    return AppConfig.model_validate(
+        config.model_dump() | {"models": [m.model_dump() for m in models],
+                               "routing": routing.model_dump() if routing else None}
+    )  # fmt: skip
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:

@@ -42,7 +42,7 @@ from engine.protocol import (
     completion_body,
     error_body,
 )
-from engine.remote import RemoteModel
+from engine.remote import HttpModel, RemoteModel
 from engine.routing import Router
 
 logger = logging.getLogger("ray.serve")
@@ -155,9 +155,12 @@ class OpenAIServer:
     def __init__(self, config: AppConfig, fallback_handles: dict[str, Any] | None = None) -> None:
         self.config = config
         primary = ModelEngine(config.primary)
-        self.engines: dict[str, ModelEngine | RemoteModel] = {primary.name: primary}
+        self.engines: dict[str, ModelEngine | RemoteModel | HttpModel] = {primary.name: primary}
         for name, handle in (fallback_handles or {}).items():
             self.engines[name] = RemoteModel(name, handle)
+        for model in config.fallbacks:
+            if model.url:
+                self.engines[model.name] = HttpModel(model.name, model.url)
         self.router = Router(config, kv_cache_usage={primary.name: lambda: primary.kv_cache_usage})
         self._http_client: Any = None
         self._model_cards = [
@@ -281,6 +284,9 @@ class OpenAIServer:
         return release
 
     def _export_load(self) -> None:
+        # Demand, not just the primary's share: while overflow goes to a fallback, the primary's
+        # own count plateaus at its capacity and an HPA on it would barely scale.
+        metrics.POD_IN_FLIGHT.set(sum(load.in_flight for load in self.router.loads.values()))
         for load in self.router.loads.values():
             metrics.IN_FLIGHT.labels(load.name).set(load.in_flight)
             metrics.SATURATED.labels(load.name).set(1 if load.saturated else 0)
@@ -324,6 +330,7 @@ class OpenAIServer:
                 )
             pieces.append(delta.text)
             usage.completion_tokens += delta.num_tokens
+            usage.prompt_tokens = delta.prompt_tokens or usage.prompt_tokens
             finish_reason = delta.finish_reason or finish_reason
         metrics.E2E_LATENCY.labels(engine.name).observe(time.perf_counter() - arrival)
         return "".join(pieces), usage, finish_reason
@@ -338,6 +345,7 @@ class OpenAIServer:
             async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
                 async for delta in engine.generate(prepared):
                     usage.completion_tokens += delta.num_tokens
+                    usage.prompt_tokens = delta.prompt_tokens or usage.prompt_tokens
                     if first:
                         metrics.TIME_TO_FIRST_TOKEN.labels(engine.name).observe(
                             time.perf_counter() - arrival

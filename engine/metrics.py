@@ -52,6 +52,12 @@ FALLBACKS = Counter(
     "Requests served by a fallback instead of the requested model.",
     ["requested_model", "served_model"],
 )
+POD_IN_FLIGHT = Gauge(
+    "qwen3vl_pod_in_flight_requests",
+    "Requests this pod's ingress holds, running or queued, whichever model serves them "
+    "(overflow sent to a fallback included): the demand on this tier, the per-pod metric a "
+    "Kubernetes HPA scales it on (no labels, so no label selector is needed).",
+)
 REJECTIONS = Counter(
     "qwen3vl_rejections",
     "Requests refused by admission control, by reason "

@@ -1,20 +1,26 @@
-"""Fallback models: a Ray Serve deployment per model, reached through a streaming handle.
+"""Fallback models reached from the ingress: through a Ray Serve handle, or over HTTP.
 
 The primary model's engine lives in the ingress replica (no hop per token). Fallback tiers
 run as their own deployments (``ModelServer``) so each scales on its own; the ingress talks
 to them through ``RemoteModel``, which has the same ``prepare``/``generate`` surface as
 ``ModelEngine``. Only overflow traffic pays the extra hop.
+
+Where tiers are separate Kubernetes Deployments (one Ray instance per pod), a fallback with
+``url`` is another server of this project, reached by ``HttpModel``: same surface, the request
+forwarded as JSON, strict (``allow_fallback: false``, so it never cascades) and streaming.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from ray import serve
 
 from engine.config import ModelConfig
-from engine.errors import RequestError
+from engine.errors import EngineError, RequestError
 from engine.llm import GenerationDelta, ModelEngine, PreparedRequest
 from engine.protocol import ChatCompletionRequest
 
@@ -85,3 +91,92 @@ class RemoteModel:
 
     async def metrics_text(self) -> bytes:
         return await self._handle.metrics_text.remote()
+
+
+class HttpModel:
+    """A fallback tier behind a URL (e.g. ``http://qwen3vl-fallback:8000``)."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        # No read timeout: the ingress enforces each request's deadline.
+        self._client = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(10.0, read=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )  # fmt: skip
+
+    async def prepare(
+        self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
+    ) -> PreparedRequest:
+        """Send the request; returns once the other tier accepted it (200 and headers)."""
+        body = request.model_dump(mode="json", exclude_none=True)
+        body |= {"model": self.name, "stream": True, "stream_options": {"include_usage": True},
+                 "allow_fallback": False}  # fmt: skip
+        outgoing = self._client.build_request(
+            "POST", "/v1/chat/completions", json=body, headers={"x-request-id": request_id}
+        )
+        try:
+            response = await self._client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"fallback {self.name} at {self.url} unreachable: {exc}",
+                              status_code=503, code="fallback_unreachable") from None  # fmt: skip
+        if response.status_code != 200:
+            payload = await response.aread()
+            await response.aclose()
+            raise _upstream_error(self.name, response, payload)
+        return PreparedRequest(request_id, response, None, 0)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+        """Deltas from the SSE stream. Token counts come from the closing usage message, so
+        the delta carrying ``finish_reason`` is held back until usage arrives."""
+        response: httpx.Response = prepared.engine_input
+        tokens_so_far, held = 0, None
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    message = chunk["error"].get("message")
+                    raise EngineError(f"fallback {self.name}: {message}", status_code=502,
+                                      code="fallback_failed")  # fmt: skip
+                if chunk.get("choices"):
+                    choice = chunk["choices"][0]
+                    delta = GenerationDelta(choice["delta"].get("content") or "", 1,
+                                            choice.get("finish_reason"), 0)  # fmt: skip
+                    if delta.finish_reason is None:
+                        tokens_so_far += 1
+                        yield delta
+                    else:
+                        held = delta
+                elif (usage := chunk.get("usage")) and held is not None:
+                    held.num_tokens = max(0, usage["completion_tokens"] - tokens_so_far)
+                    held.prompt_tokens = usage["prompt_tokens"]
+                    yield held
+                    held = None
+            if held is not None:  # the other side sent no usage
+                yield held
+        finally:
+            await response.aclose()  # closing early drops the connection: the tier aborts it
+
+    async def check_health(self) -> None:
+        """Never gates this pod: the other tier has its own probes, and its absence shows as
+        503 ``fallback_unreachable`` on overflow requests, not as this pod being unready."""
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _upstream_error(name: str, response: httpx.Response, payload: bytes) -> Exception:
+    try:
+        error = json.loads(payload)["error"]
+        message, code, param = error.get("message"), error.get("code"), error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, code, param = payload[:200].decode(errors="replace"), None, None
+    status = response.status_code
+    if 400 <= status < 500:
+        headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+        return RequestError(f"fallback {name}: {message}", status_code=status,
+                            code=str(code or "fallback_rejected"), param=param, headers=headers)  # fmt: skip
+    return EngineError(f"fallback {name} answered {status}: {message}", status_code=503,
+                       code="fallback_failed")  # fmt: skip
