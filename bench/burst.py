@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from engine.__main__ import wait_for_health
+from bench.launch import ServerProcess, engine_command
 from engine.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,27 +140,20 @@ def summarise(results: list[dict], fallback_name: str) -> dict:
     }
 
 
-class Server:
+class Server(ServerProcess):
+    """The engine CLI on ``profile`` (written to ``tmp``); stopped with a pause for the ports."""
+
     def __init__(self, profile: dict, tmp: Path, name: str) -> None:
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(profile))
-        self.base = f"http://127.0.0.1:{profile['server']['port']}"
-        self.log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--config", str(path)], cwd=REPO,
-            env={**os.environ, "QWEN3VL_RAY_LOGS": "0"}, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        wait_for_health(self.base + "/health", 900)
+        super().__init__(engine_command(path), f"http://127.0.0.1:{profile['server']['port']}",
+                         tmp / f"{name}.log")  # fmt: skip
+        self.base = self.base_url
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+    def stop(self, timeout_s: float = 120) -> int | None:
+        code = super().stop(timeout_s)
         time.sleep(3)
+        return code
 
 
 def main() -> None:

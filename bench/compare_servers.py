@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.launch import ServerProcess
 from bench.vllm_client import run_vllm_bench
-from engine.__main__ import wait_for_health
 from engine.config import DEFAULT_PROFILE, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +31,7 @@ METRICS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttf
            "median_tpot_ms", "median_itl_ms", "completed")  # fmt: skip
 
 
-def _vllm_cli_args(engine_kwargs: dict) -> list[str]:
+def vllm_cli_args(engine_kwargs: dict) -> list[str]:
     args: list[str] = []
     for key, value in engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
@@ -53,7 +51,7 @@ def _servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[s
     vllm_cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model.resolved_model_path(), "--served-model-name", model.name,
-        "--host", "127.0.0.1", "--port", str(port), *_vllm_cli_args(model.engine_kwargs),
+        "--host", "127.0.0.1", "--port", str(port), *vllm_cli_args(model.engine_kwargs),
     ]  # fmt: skip
     profile = yaml.safe_load(profile_path.read_text())
     profile.setdefault("server", {})["port"] = port
@@ -78,29 +76,20 @@ def _servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[s
 
 
 def _measure(name, cmd, env, port, model, tokenizer, args, log_dir: Path) -> dict:
-    log = open(log_dir / f"{name.split()[0]}-{time.time_ns()}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        started = time.monotonic()
-        wait_for_health(f"http://127.0.0.1:{port}/health", 900)
-        ready_s = time.monotonic() - started
-        base = f"http://127.0.0.1:{port}"
+    log = log_dir / f"{name.split()[0]}-{time.time_ns()}.log"
+    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log, env=env) as server:
+        base = server.base_url
         run_vllm_bench(
             base, model, tokenizer, num_prompts=args.warmup, concurrency=args.concurrency, seed=1
         )
         result = run_vllm_bench(base, model, tokenizer, num_prompts=args.num_prompts,
                                 concurrency=args.concurrency, seed=0)  # fmt: skip
-        return {"server": name, "ready_s": round(ready_s, 1), **{k: result.get(k) for k in METRICS}}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        time.sleep(3)
+    time.sleep(3)
+    return {
+        "server": name,
+        "ready_s": round(server.ready_s, 1),
+        **{k: result.get(k) for k in METRICS},
+    }
 
 
 def _markdown(rows: list[dict], baseline: str) -> str:

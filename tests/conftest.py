@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.launch import free_port
 from engine.config import CONFIG_DIR
-from tests.utils import LiveServer, free_port
+from tests.utils import LiveServer
 
 MODEL = "qwen3-vl-tiny"
 FALLBACK = "qwen3-vl-tiny-fallback"

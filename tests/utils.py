@@ -4,71 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.launch import ServerProcess, engine_command
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
+class LiveServer(ServerProcess):
     """``python -m engine serve`` in a subprocess: polls /health, fails fast if it dies."""
 
     def __init__(self, config_path: Path, port: int, log_path: Path, timeout_s: float = 900):
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "QWEN3VL_RAY_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--config", str(config_path)],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"server not healthy after {timeout_s}s:\n{self.log_tail()}")
-            time.sleep(2)
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout_s: float = 120) -> int | None:
-        """SIGTERM (what Kubernetes sends), then wait; the exit code, None if it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                self._log.close()
-                return None
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(engine_command(config_path), f"http://127.0.0.1:{port}", log_path,
+                         timeout_s=timeout_s)  # fmt: skip
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:

@@ -1,0 +1,100 @@
+"""Several runs side by side: one table with ratios to a baseline, one set of plots.
+
+Either existing run directories, or a YAML file that lists variants for the harness to launch
+one at a time with the engine CLI (same workload against each, server stopped in between):
+
+    baseline: bf16
+    run: {profile: "concurrency:8", workload: product, num_requests: 64, output_tokens: "64"}
+    variants:
+      - {name: bf16, config: configs/cpu-small.yaml}
+      - {name: int8, config: configs/cpu-small-int8.yaml}
+      - {name: vllm, url: "http://127.0.0.1:8000", model: qwen3-vl-small}   # already running
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.launch import ServerProcess, engine_command, free_port
+from bench.report import HEADER, Run, plot_runs, read_run, separator, stage_row
+from bench.runner import RunSettings, run_benchmark
+
+RATIOS = (("request_throughput", "req/s"), ("output_throughput", "out tok/s"),
+          ("p50_ttft_ms", "p50 TTFT"), ("p50_tpot_ms", "p50 TPOT"))  # fmt: skip
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "-" if not value or not base else f"{value / base:.2f}x"
+
+
+def compare_markdown(runs: list[Run], baseline: str) -> str:
+    base = next((r for r in runs if r.label == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not one of {[r.label for r in runs]}")
+    ratio_header = (
+        "| variant | stage | " + " | ".join(f"{name} vs {baseline}" for _, name in RATIOS) + " |"
+    )
+    lines = [f"# {' vs '.join(r.label for r in runs)}", "", HEADER.replace("| stage |", "| variant: stage |"),
+             separator(HEADER)]  # fmt: skip
+    for run in runs:
+        lines += [stage_row(stage, prefix=f"{run.label}: ") for stage in run.stages]
+    lines += ["", ratio_header, separator(ratio_header)]
+    for run in runs:
+        for i, stage in enumerate(run.stages):
+            reference = base.stages[i] if i < len(base.stages) else {}
+            cells = [_ratio(stage[key], reference.get(key)) for key, _ in RATIOS]
+            lines.append(f"| {run.label} | {stage['stage']} | " + " | ".join(cells) + " |")
+    ready = [(r.label, r.meta["server_ready_s"]) for r in runs if r.meta.get("server_ready_s")]
+    if ready:
+        lines += ["", "Server start to healthy: " + ", ".join(f"{n} {s:.0f} s" for n, s in ready)]
+    lines += ["", f"Machine: {runs[0].meta.get('machine')}"]
+    return "\n".join(lines)
+
+
+def compare_runs(run_dirs: list[Path], out: Path, baseline: str | None = None) -> str:
+    runs = [read_run(path) for path in run_dirs]
+    return write_comparison(runs, out, baseline or runs[0].label)
+
+
+def write_comparison(runs: list[Run], out: Path, baseline: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare_markdown(runs, baseline)
+    (out / "compare.md").write_text(table + "\n")
+    plot_runs(runs, out)
+    return table
+
+
+def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
+    """Launch (or reach) each variant in turn, run the same workload, write the comparison."""
+    spec = yaml.safe_load(spec_path.read_text())
+    common = spec.get("run", {})
+    runs = []
+    for variant in spec["variants"]:
+        name = variant["name"]
+        run_dir = out / name
+        if "config" in variant:
+            from engine.config import load_config
+
+            config_path = Path(variant["config"])
+            model = variant.get("model") or load_config(config_path).primary.name
+            port = free_port()
+            with tempfile.TemporaryDirectory() as tmp:
+                log = Path(tmp) / "server.log"
+                server = ServerProcess(engine_command(config_path, port),
+                                       f"http://127.0.0.1:{port}", log)  # fmt: skip
+                extra = {"server_ready_s": round(server.ready_s, 1), "config": str(config_path)}
+                try:
+                    settings = RunSettings(url=server.base_url, model=model, label=name,
+                                           progress=progress, extra_meta=extra, **common)  # fmt: skip
+                    run = run_benchmark(settings, run_dir)
+                finally:
+                    server.stop()
+        else:
+            settings = RunSettings(url=variant["url"], model=variant["model"], label=name,
+                                   progress=progress, **common)  # fmt: skip
+            run = run_benchmark(settings, run_dir)
+        runs.append(run)
+    return write_comparison(runs, out, spec.get("baseline") or runs[0].label)

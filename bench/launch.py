@@ -1,0 +1,98 @@
+"""A server in a subprocess: start it, wait for ``/health``, stop it the way Kubernetes does.
+
+The one launcher behind the test fixture, the harness's ``compare --variants`` and the
+benchmark scripts, so each of them starts and stops servers alike.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_command(profile: Path, port: int | None = None) -> list[str]:
+    """The engine CLI serving ``profile`` (the same command a user or a pod runs)."""
+    command = [sys.executable, "-m", "engine", "serve", "--config", str(profile)]
+    return command + (["--port", str(port)] if port is not None else [])
+
+
+class ServerProcess:
+    """``command`` in its own process group, logging to ``log_path``; ready once
+    ``base_url/health`` answers 200. Fails fast, with the log's tail, if the process dies."""
+
+    def __init__(
+        self,
+        command: list[str],
+        base_url: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 900,
+    ) -> None:
+        self.base_url = base_url
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "QWEN3VL_RAY_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_s = time.monotonic() - started
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not healthy after {timeout_s}s:\n{self.log_tail()}")
+            time.sleep(1)
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout_s: float = 120) -> int | None:
+        """SIGTERM, then wait; the exit code, or None if it had to be killed."""
+        code: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        else:
+            code = self.proc.returncode
+        self._log.close()
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,172 @@
+"""What the harness sends: synthetic image+text chat requests, or recorded ones replayed.
+
+A workload spec is ``KIND[+KIND...][:key=value,...]``:
+
+- ``product`` (768x768 JPEG product shot), ``phone`` (4032x3024 JPEG phone photo),
+  ``screenshot`` (1170x2532 PNG, a tall phone screenshot), ``mixed`` (the three in turn),
+  ``text`` (no image). Options: ``size=WxH``, ``format=jpeg|png|webp``, ``images=N`` per request.
+- ``jsonl:FILE``: one recorded request per line, ``{"messages": [...], "max_tokens": 64}``.
+
+Every synthetic image is drawn from its own seed, so no two requests carry the same pixels and
+no cache (vLLM's multimodal processor cache hashes pixels, not bytes) can serve a repeat.
+Questions come from a built-in e-commerce and customer-service set in Chinese and English.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+QUESTIONS = (
+    "Tag this product: category, colour, material and style, as JSON.",
+    "Write a one-sentence title for this product listing.",
+    "Is anything in this photo prohibited for sale on a marketplace? Answer yes or no, then why.",
+    "The customer sent this screenshot. What error do they see and how do they fix it?",
+    "Which order number and delivery date are shown in this screenshot?",
+    "请为这件商品打标签：类目、颜色、材质、风格，用 JSON 输出。",
+    "用一句话为这张商品图写一个标题。",
+    "这张图片里有违禁内容吗？先回答是或否，再说明原因。",
+    "顾客发来这张截图，他遇到了什么问题？应该怎么解决？",
+    "截图里的订单号和预计送达时间是什么？",
+)
+
+IMAGE_KINDS = {
+    "product": ((768, 768), "jpeg"),
+    "phone": ((4032, 3024), "jpeg"),
+    "screenshot": ((1170, 2532), "png"),
+}
+_MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request to send: its OpenAI chat body and a label for reports."""
+
+    body: dict
+    kind: str
+    image_bytes: int = 0
+
+
+def draw_image(kind: str, size: tuple[int, int], seed: int) -> Image.Image:
+    """A picture with the rough statistics of ``kind``, unique to ``seed``."""
+    rng = random.Random(seed)
+    width, height = size
+    if kind == "screenshot":  # flat UI: white page, coloured bars, lines of "text"
+        image = Image.new("RGB", size, (250, 250, 250))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((0, 0, width, height // 12), fill=tuple(rng.randrange(256) for _ in "rgb"))
+        y = height // 10
+        while y < height - 40:
+            line = rng.randrange(30, max(31, width - 30))
+            draw.rectangle((30, y, line, y + 18), fill=(rng.randrange(40, 120),) * 3)
+            y += rng.choice((32, 40, 90))
+        return image
+    # photo / product: a lit background, a few objects, sensor-like texture
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    tint = Image.new("RGB", size, tuple(rng.randrange(120, 256) for _ in "rgb"))
+    image = Image.blend(image, tint, 0.6 if kind == "product" else 0.4)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randrange(3, 8)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = (
+            x0 + rng.randrange(width // 8, width // 2),
+            y0 + rng.randrange(height // 8, height // 2),
+        )
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in "rgb"))
+    noise = Image.effect_noise((max(1, width // 4), max(1, height // 4)), 24).resize(size)
+    return Image.blend(image, noise.convert("RGB"), 0.12)
+
+
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"quality": 90} if fmt in ("jpeg", "webp") else {}
+    image.save(buffer, fmt.upper(), **options)
+    return buffer.getvalue()
+
+
+def _parse_spec(spec: str) -> tuple[list[str], dict[str, str]]:
+    kinds, _, options = spec.partition(":")
+    names = kinds.split("+")
+    if names == ["mixed"]:
+        names = list(IMAGE_KINDS)
+    parsed = dict(item.split("=", 1) for item in options.split(",") if item) if options else {}
+    for name in names:
+        if name not in (*IMAGE_KINDS, "text"):
+            raise ValueError(f"unknown workload kind {name!r}; use {sorted(IMAGE_KINDS)}, "
+                             "'mixed', 'text' or 'jsonl:FILE'")  # fmt: skip
+    return names, parsed
+
+
+def output_lengths(spec: str, count: int, seed: int) -> list[int]:
+    """``64`` for a fixed length, ``32-128`` for a uniform range."""
+    low, _, high = spec.partition("-")
+    rng = random.Random(seed)
+    return [rng.randint(int(low), int(high or low)) for _ in range(count)]
+
+
+def build_requests(
+    workload: str,
+    model: str,
+    num_requests: int,
+    output_tokens: str = "64",
+    ignore_eos: bool = True,
+    seed: int = 0,
+) -> list[RequestSpec]:
+    """``num_requests`` request bodies for ``workload``, images encoded up front."""
+    if workload.startswith("jsonl:"):
+        return _from_jsonl(Path(workload.removeprefix("jsonl:")), model, num_requests, ignore_eos)
+    names, options = _parse_spec(workload)
+    images_per_request = int(options.get("images", 1))
+    lengths = output_lengths(output_tokens, num_requests, seed)
+    rng = random.Random(seed)
+
+    def image_part(index: int, image_index: int) -> tuple[dict, int, str]:
+        kind = names[index % len(names)]
+        if kind == "text":
+            return {}, 0, kind
+        size, fmt = IMAGE_KINDS[kind]
+        if "size" in options:
+            size = tuple(int(v) for v in options["size"].split("x"))  # type: ignore[assignment]
+        fmt = options.get("format", fmt)
+        data = encode_image(
+            draw_image(kind, size, seed * 1_000_003 + index * 16 + image_index), fmt
+        )
+        url = f"data:{_MIME[fmt]};base64," + base64.b64encode(data).decode()
+        return {"type": "image_url", "image_url": {"url": url}}, len(data), kind
+
+    jobs = [(i, j) for i in range(num_requests) for j in range(images_per_request)]
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while encoding
+        parts = list(pool.map(lambda job: image_part(*job), jobs))
+    specs = []
+    for i in range(num_requests):
+        mine = parts[i * images_per_request : (i + 1) * images_per_request]
+        content = [p for p, _, _ in mine if p] + [{"type": "text", "text": rng.choice(QUESTIONS)}]
+        body = {"model": model, "messages": [{"role": "user", "content": content}],
+                "max_tokens": lengths[i]}  # fmt: skip
+        if ignore_eos:
+            body["ignore_eos"] = True
+        specs.append(RequestSpec(body, mine[0][2], sum(n for _, n, _ in mine)))
+    return specs
+
+
+def _from_jsonl(path: Path, model: str, num_requests: int, ignore_eos: bool) -> list[RequestSpec]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no requests")
+    specs = []
+    for i in range(num_requests):
+        row = dict(rows[i % len(rows)])
+        row.pop("timestamp_s", None)
+        body = {"model": model, "max_tokens": 64, **row}
+        if ignore_eos:
+            body.setdefault("ignore_eos", True)
+        specs.append(RequestSpec(body, "jsonl"))
+    return specs

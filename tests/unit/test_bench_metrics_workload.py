@@ -1,0 +1,107 @@
+"""Harness metrics from known records, and the synthetic workload's promises."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from bench.client import RequestRecord
+from bench.metrics import parse_slo, summarize
+from bench.workload import QUESTIONS, build_requests, output_lengths
+
+
+def _ok(index: int, ttft: float, gap: float, tokens: int, model: str) -> RequestRecord:
+    times = [ttft + i * gap for i in range(tokens)]
+    return RequestRecord(index, "s", "product", 0.0, status=200, served_model=model,
+                         ttft_s=ttft, latency_s=times[-1], token_times_s=times,
+                         output_tokens=tokens)  # fmt: skip
+
+
+def test_summary_matches_hand_computed_values():
+    records = [
+        _ok(0, 0.100, 0.010, 11, "big"),  # TPOT (0.2 - 0.1) / 10 = 10 ms, E2E 200 ms
+        _ok(1, 0.300, 0.020, 11, "big"),  # TPOT 20 ms, E2E 500 ms
+        _ok(2, 0.200, 0.030, 1, "small"),  # one token: no TPOT, no ITL
+        RequestRecord(3, "s", "product", 0.0, status=429, error="rate_limited"),
+        RequestRecord(4, "s", "product", 0.0, status=0, error="ClientConnectionError"),
+    ]
+    s = summarize(records, duration_s=2.0, slo=parse_slo("ttft_ms=250,tpot_ms=15"))
+    assert (s["requests"], s["completed"], s["failed"]) == (5, 3, 2)
+    assert s["errors_by_status"] == {"0": 1, "429": 1}
+    assert s["request_throughput"] == 1.5
+    assert s["total_output_tokens"] == 23 and s["output_throughput"] == 11.5
+    assert s["mean_ttft_ms"] == pytest.approx(200.0)
+    assert s["p50_ttft_ms"] == pytest.approx(200.0)
+    assert s["p99_ttft_ms"] == pytest.approx(298.0)  # numpy linear: 200 + 0.98 * 100
+    assert s["mean_tpot_ms"] == pytest.approx(15.0)
+    assert s["p50_itl_ms"] == pytest.approx(15.0)  # ten 10 ms gaps and ten 20 ms gaps
+    assert s["p50_e2el_ms"] == pytest.approx(200.0)
+    # good: request 0 (100 ms, 10 ms) and request 2 (200 ms, TPOT 0); request 1 misses both
+    assert s["goodput"] == pytest.approx(1.0)
+    assert s["served_share"] == {"big": pytest.approx(2 / 3), "small": pytest.approx(1 / 3)}
+
+
+def test_summary_without_completions_has_no_latencies():
+    s = summarize([RequestRecord(0, "s", "text", 0.0, status=503, error="x")], 1.0)
+    assert s["completed"] == 0 and s["p99_ttft_ms"] is None and s["goodput"] is None
+
+
+def test_unknown_slo_is_refused():
+    with pytest.raises(ValueError, match="ttft_ms"):
+        parse_slo("latency=5")
+
+
+def _pixels(url: str) -> tuple[str, tuple[int, int], bytes]:
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    return image.format, image.size, image.tobytes()
+
+
+def test_every_synthetic_image_is_unique_in_bytes_and_pixels():
+    specs = build_requests("product+screenshot:size=96x160", "m", 8)
+    urls = [part["image_url"]["url"] for s in specs for part in s.body["messages"][0]["content"]
+            if part["type"] == "image_url"]  # fmt: skip
+    assert len(urls) == 8 and len(set(urls)) == 8
+    decoded = [_pixels(url) for url in urls]
+    assert len({pixels for _, _, pixels in decoded}) == 8
+    assert {fmt for fmt, _, _ in decoded} == {"JPEG", "PNG"}  # product JPEG, screenshot PNG
+    assert {size for _, size, _ in decoded} == {(96, 160)}
+    assert [s.kind for s in specs[:2]] == ["product", "screenshot"]
+
+
+def test_phone_photos_have_phone_resolution_and_formats_can_be_chosen():
+    (spec,) = build_requests("phone:format=webp,images=2", "m", 1)
+    parts = [p for p in spec.body["messages"][0]["content"] if p["type"] == "image_url"]
+    assert len(parts) == 2
+    fmt, size, _ = _pixels(parts[0]["image_url"]["url"])
+    assert (fmt, size) == ("WEBP", (4032, 3024))
+    assert spec.image_bytes > 0
+
+
+def test_questions_cover_chinese_and_english_and_output_lengths_are_configurable():
+    assert any("\u4e00" <= ch <= "\u9fff" for q in QUESTIONS for ch in q)
+    assert any(q.isascii() for q in QUESTIONS)
+    lengths = output_lengths("32-128", 500, seed=1)
+    assert min(lengths) >= 32 and max(lengths) <= 128 and len(set(lengths)) > 50
+    specs = build_requests("text", "m", 3, output_tokens="7")
+    assert [s.body["max_tokens"] for s in specs] == [7, 7, 7]
+    assert all(s.body["ignore_eos"] for s in specs)
+
+
+def test_jsonl_workload_replays_recorded_requests(tmp_path):
+    path = tmp_path / "recorded.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "timestamp_s": 1},
+            {"messages": [{"role": "user", "content": "yo"}]}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    specs = build_requests(f"jsonl:{path}", "served", 3, ignore_eos=False)
+    assert [s.body["messages"][0]["content"] for s in specs] == ["hi", "yo", "hi"]
+    assert [s.body["max_tokens"] for s in specs] == [5, 64, 5]
+    assert all(s.body["model"] == "served" and "timestamp_s" not in s.body for s in specs)
+
+
+def test_unknown_workload_kind_is_refused():
+    with pytest.raises(ValueError, match="mixed"):
+        build_requests("video", "m", 1)
