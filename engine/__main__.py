@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,11 +33,35 @@ def wait_for_health(url: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
+def haproxy_env(port: int) -> dict[str, str]:
+    """Ray Serve's HAProxy keeps its config, sockets and state under one fixed path and binds
+    fixed stats/metrics ports; a second server on the same host would crash on them. These
+    settings give each server (keyed by its API port) its own paths and free ports."""
+    base = f"/tmp/haproxy-serve-{port}"
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            ports.append(str(s.getsockname()[1]))
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{base}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{base}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
+        "RAY_SERVE_HAPROXY_STATS_PORT": ports[0],
+        "RAY_SERVE_HAPROXY_METRICS_PORT": ports[1],
+    }
+
+
 def start(config: AppConfig) -> str:
     """Start local Ray + Serve, deploy ``config``, wait for health; return the base URL."""
     for model in config.models:
         model.resolved_model_path()  # build generated checkpoints once, before any replica
     os.environ.update(config.server.ray_env)  # inherited by the raylet and every worker
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        for key, value in haproxy_env(config.server.port).items():
+            os.environ.setdefault(key, value)  # explicit settings win
     import ray
     from ray import serve
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.client import StreamingClient, run_async
 from bench.compare import compare_runs
@@ -29,8 +30,9 @@ def _fake(tmp: Path, *options: str) -> ServerProcess:
 
 
 def _bench(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,27 @@ def test_short_real_run_against_the_tiny_model_server(server, tmp_path):
     assert stage["total_output_tokens"] == 48  # ignore_eos: exactly 8 each
     assert stage["served_share"] == {"qwen3-vl-tiny": 1.0}
     assert 0 < stage["p50_ttft_ms"] < stage["p50_e2el_ms"]
+
+
+@pytest.mark.slow
+def test_compare_launches_a_variant_with_the_engine_cli_and_compares_it(server, tmp_path):
+    """One command: launch cpu-tiny with the engine CLI, run, stop it; run the same workload
+    against the live session server; one table with ratios."""
+    spec = {
+        "baseline": "session",
+        "run": {"profile": "concurrency:2", "workload": "product:size=128x128",
+                "num_requests": 4, "output_tokens": "4", "warmup": 1},
+        "variants": [
+            {"name": "session", "url": server.base_url, "model": "qwen3-vl-tiny"},
+            {"name": "launched", "config": str(REPO / "configs/cpu-tiny.yaml")},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    _bench("compare", str(path), "--out", str(tmp_path / "cmp"))
+    launched = read_run(tmp_path / "cmp" / "launched")
+    assert launched.meta["server_ready_s"] > 0 and launched.meta["config"].endswith("cpu-tiny.yaml")
+    assert launched.stages[0]["completed"] == 4
+    assert launched.stages[0]["served_share"] == {"qwen3-vl-tiny": 1.0}
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| launched | concurrency 2 |" in table and "Server start to healthy: launched" in table
