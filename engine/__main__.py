@@ -33,10 +33,13 @@ def wait_for_health(url: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
-def haproxy_env(port: int) -> dict[str, str]:
+def per_server_env(port: int) -> dict[str, str]:
     """Ray Serve's HAProxy keeps its config, sockets and state under one fixed path and binds
-    fixed stats/metrics ports; a second server on the same host would crash on them. These
-    settings give each server (keyed by its API port) its own paths and free ports."""
+    fixed stats/metrics ports: a second server on the same host would crash on them. These
+    settings give each server (keyed by its API port) its own paths and free ports.
+    Not enough for two throughput-mode servers on one host: their direct-ingress replicas
+    still share ports (from 30000, SO_REUSEPORT). Run a second one with the default proxy
+    (``server.ray_env`` without RAY_SERVE_THROUGHPUT_OPTIMIZED / RAY_SERVE_ENABLE_HA_PROXY)."""
     base = f"/tmp/haproxy-serve-{port}"
     ports = []
     for _ in range(2):
@@ -60,7 +63,7 @@ def start(config: AppConfig) -> str:
         model.resolved_model_path()  # build generated checkpoints once, before any replica
     os.environ.update(config.server.ray_env)  # inherited by the raylet and every worker
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        for key, value in haproxy_env(config.server.port).items():
+        for key, value in per_server_env(config.server.port).items():
             os.environ.setdefault(key, value)  # explicit settings win
     import ray
     from ray import serve
@@ -68,6 +71,9 @@ def start(config: AppConfig) -> str:
     from engine.app import APP_NAME, build_app
 
     ray.init(
+        # Always a Ray instance of our own: plain init() joins one already running on this
+        # host (another server's), and deploying there would replace that server's app.
+        address="local",
         num_cpus=config.server.ray_num_cpus,
         include_dashboard=False,
         log_to_driver=os.environ.get("QWEN3VL_RAY_LOGS", "1") == "1",

@@ -80,7 +80,8 @@ class ModelConfig(_Strict):
     model: str = Field(
         "",
         description="HF repo id, local checkpoint dir, or 'generated:tiny'/'generated:small' "
-        "for a checkpoint the project generates (engine/testing/tiny_model.py).",
+        "for a checkpoint the project generates (engine/testing/tiny_model.py); "
+        "'generated:small+w8a8-int8' (or +w4a16, +fp8-dynamic) for its quantized variant.",
     )
     url: str | None = Field(
         None,
@@ -142,9 +143,10 @@ class ModelConfig(_Strict):
     def resolved_model_path(self) -> str:
         """The path or repo id vLLM loads; generated checkpoints are built if missing."""
         if self.model.startswith(GENERATED_PREFIX):
-            from engine.testing.tiny_model import ensure_model
+            from engine.testing.tiny_model import ensure_model, ensure_variant
 
-            return str(ensure_model(self.model[len(GENERATED_PREFIX) :]))
+            spec = self.model[len(GENERATED_PREFIX) :]
+            return str(ensure_variant(spec) if "+" in spec else ensure_model(spec))
         return self.model
 
 

@@ -231,3 +231,27 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ensure_variant(spec: str, cache_dir: Path | None = None) -> Path:
+    """``'small+w8a8-int8'``: the generated ``small`` checkpoint quantized with that scheme
+    (``python -m export quantize``), built once into the cache."""
+    preset, _, scheme = spec.partition("+")
+    base = ensure_model(preset, cache_dir)
+    target = base.parent / f"{base.name}-{scheme}"
+    if (target / "manifest.json").exists():
+        return target
+    from export.quantize import quantize
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # the tiny preset is 64 wide: groups of 128 do not fit, 32 do
+        quantize(base, scheme, staging, group_size=32 if preset == "tiny" else None)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race
+            if not (target / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,130 @@
+"""A variant against its base model on fixed image+text prompts, both served by vLLM.
+
+1. Each model, in its own process (one vLLM engine at a time), answers the same fixed chats
+   (a generated product photo + a question each) greedily for ``tokens`` tokens, returning
+   its top-``TOP_K`` log-probabilities at every position.
+2. **Greedy token agreement**: the share of positions where the variant's greedy token equals
+   the base's, position by position (after a first difference the contexts differ, so
+   later positions mostly disagree too: the score punishes early divergence).
+3. **Mean KL(base || variant)** of the next-token distributions, over the positions whose
+   contexts are still identical (up to and including the first difference). The
+   distributions are the top-``TOP_K`` log-probs renormalised over their union; a token one
+   model lacks gets the other's smallest listed probability.
+4. Pass when agreement >= ``min_agreement`` and mean KL <= ``max_kl``; a table is printed and
+   the numbers are saved as JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TOP_K = 20
+NUM_PROMPTS = 8
+
+
+def prompts(count: int = NUM_PROMPTS) -> list[list[dict]]:
+    """Fixed chats: a product photo the project draws (seeded) and a question each."""
+    from bench.workload import QUESTIONS, draw_image, encode_image
+
+    chats = []
+    for i in range(count):
+        image = encode_image(draw_image("product", (224, 224), seed=10_000 + i), "png")
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        chats.append([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+        ]}])  # fmt: skip
+    return chats
+
+
+def _score(model_dir: str, chats: list, tokens: int) -> list[dict]:
+    """Runs in a fresh process: greedy tokens and top-k log-probs for every chat."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, max_model_len=2048, max_num_seqs=8, seed=0, enforce_eager=True,
+              limit_mm_per_prompt={"image": 1, "video": 0}, max_logprobs=TOP_K)  # fmt: skip
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, logprobs=TOP_K, ignore_eos=True)
+    results = []
+    for output in llm.chat(chats, params, use_tqdm=False):
+        completion = output.outputs[0]
+        steps = [{str(t): lp.logprob for t, lp in step.items()} for step in completion.logprobs]
+        results.append({"tokens": list(completion.token_ids), "logprobs": steps})
+    return results
+
+
+def run_model(model_dir: Path, chats: list, tokens: int) -> list[dict]:
+    """``_score`` in a fresh interpreter (vLLM starts its own engine processes; a fresh
+    process per model frees everything in between)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"model": str(model_dir), "chats": chats, "tokens": tokens}))
+        code = ("import json, sys; from export.compare import _score; "
+                "j = json.load(open(sys.argv[1])); "
+                "json.dump(_score(j['model'], j['chats'], j['tokens']), open(sys.argv[2], 'w'))")  # fmt: skip
+        subprocess.run([sys.executable, "-c", code, str(job), str(result)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)  # fmt: skip
+        return json.loads(result.read_text())
+
+
+def kl_divergence(base: dict[str, float], variant: dict[str, float]) -> float:
+    """KL(base || variant) over the union of two top-k log-prob dicts (see module doc)."""
+    floor_base, floor_variant = min(base.values()), min(variant.values())
+    keys = base.keys() | variant.keys()
+    p = {k: math.exp(base.get(k, floor_base)) for k in keys}
+    q = {k: math.exp(variant.get(k, floor_variant)) for k in keys}
+    p_total, q_total = sum(p.values()), sum(q.values())
+    return sum(p[k] / p_total * math.log((p[k] / p_total) / (q[k] / q_total)) for k in keys)
+
+
+def score(base: list[dict], variant: list[dict]) -> dict:
+    agree = total = 0
+    kls: list[float] = []
+    per_prompt = []
+    for b, v in zip(base, variant, strict=True):
+        same = [x == y for x, y in zip(b["tokens"], v["tokens"], strict=False)]
+        first_diff = same.index(False) if False in same else len(same)
+        prompt_kls = [kl_divergence(b["logprobs"][i], v["logprobs"][i])
+                      for i in range(min(first_diff + 1, len(same)))]  # fmt: skip
+        agree, total = agree + sum(same), total + len(same)
+        kls += prompt_kls
+        per_prompt.append({"agreement": sum(same) / len(same), "first_difference": first_diff,
+                           "mean_kl": sum(prompt_kls) / len(prompt_kls)})  # fmt: skip
+    return {"greedy_token_agreement": agree / total, "mean_kl": sum(kls) / len(kls),
+            "prompts": per_prompt}  # fmt: skip
+
+
+def compare(base_dir: Path, variant_dir: Path, tokens: int = 32, min_agreement: float = 0.9,
+            max_kl: float = 0.05, out: Path | None = None) -> dict:  # fmt: skip
+    chats = prompts()
+    result = score(run_model(base_dir, chats, tokens), run_model(variant_dir, chats, tokens))
+    result |= {
+        "base": str(base_dir), "variant": str(variant_dir), "tokens": tokens, "top_k": TOP_K,
+        "thresholds": {"min_agreement": min_agreement, "max_kl": max_kl},
+        "passed": result["greedy_token_agreement"] >= min_agreement and result["mean_kl"] <= max_kl,
+    }  # fmt: skip
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(result: dict) -> str:
+    t = result["thresholds"]
+    lines = [
+        "| prompt | greedy agreement | first difference | mean KL |", "|---|---|---|---|",
+        *(f"| {i} | {p['agreement']:.2f} | {p['first_difference']} | {p['mean_kl']:.4f} |"
+          for i, p in enumerate(result["prompts"])),
+        f"| **all** | **{result['greedy_token_agreement']:.3f}** (>= {t['min_agreement']}) | "
+        f"| **{result['mean_kl']:.4f}** (<= {t['max_kl']}) |",
+        "", f"{'PASS' if result['passed'] else 'FAIL'}: {result['variant']} vs {result['base']}",
+    ]  # fmt: skip
+    return "\n".join(lines)
