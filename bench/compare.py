@@ -68,33 +68,40 @@ def write_comparison(runs: list[Run], out: Path, baseline: str) -> str:
 
 
 def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
-    """Launch (or reach) each variant in turn, run the same workload, write the comparison."""
+    """Launch (or reach) each variant in turn, run the same workload(s), write the comparison.
+    ``run`` may be one settings mapping or a list (e.g. concurrency 1 and 32): each variant is
+    launched once and runs them all; each gets its own table (``out/<i>/compare.md``)."""
     spec = yaml.safe_load(spec_path.read_text())
-    common = spec.get("run", {})
-    runs = []
+    plans = spec.get("run", {})
+    plans = plans if isinstance(plans, list) else [plans]
+    runs: list[list[Run]] = [[] for _ in plans]
+
+    def play(base_url: str, model: str, name: str, extra: dict) -> None:
+        for i, plan in enumerate(plans):
+            run_dir = out / name if len(plans) == 1 else out / str(i) / name
+            settings = RunSettings(url=base_url, model=model, label=name, progress=progress,
+                                   extra_meta=extra, **plan)  # fmt: skip
+            runs[i].append(run_benchmark(settings, run_dir))
+
     for variant in spec["variants"]:
         name = variant["name"]
-        run_dir = out / name
-        if "config" in variant:
-            from engine.config import load_config
+        if "config" not in variant:
+            play(variant["url"], variant["model"], name, {})
+            continue
+        from engine.config import load_config
 
-            config_path = Path(variant["config"])
-            model = variant.get("model") or load_config(config_path).primary.name
-            port = free_port()
-            with tempfile.TemporaryDirectory() as tmp:
-                log = Path(tmp) / "server.log"
-                server = ServerProcess(engine_command(config_path, port),
-                                       f"http://127.0.0.1:{port}", log)  # fmt: skip
+        config_path = Path(variant["config"])
+        model = variant.get("model") or load_config(config_path).primary.name
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            server = ServerProcess(engine_command(config_path, port), f"http://127.0.0.1:{port}",
+                                   Path(tmp) / "server.log")  # fmt: skip
+            try:
                 extra = {"server_ready_s": round(server.ready_s, 1), "config": str(config_path)}
-                try:
-                    settings = RunSettings(url=server.base_url, model=model, label=name,
-                                           progress=progress, extra_meta=extra, **common)  # fmt: skip
-                    run = run_benchmark(settings, run_dir)
-                finally:
-                    server.stop()
-        else:
-            settings = RunSettings(url=variant["url"], model=variant["model"], label=name,
-                                   progress=progress, **common)  # fmt: skip
-            run = run_benchmark(settings, run_dir)
-        runs.append(run)
-    return write_comparison(runs, out, spec.get("baseline") or runs[0].label)
+                play(server.base_url, model, name, extra)
+            finally:
+                server.stop()
+    baseline = spec.get("baseline") or spec["variants"][0]["name"]
+    if len(plans) == 1:
+        return write_comparison(runs[0], out, baseline)
+    return "\n\n".join(write_comparison(r, out / str(i), baseline) for i, r in enumerate(runs))

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check engine bench tests scripts
-.venv/bin/ruff format --check --quiet engine bench tests scripts
+.venv/bin/ruff check engine bench export tests scripts
+.venv/bin/ruff format --check --quiet engine bench export tests scripts
 exec .venv/bin/python -m pytest "$@"

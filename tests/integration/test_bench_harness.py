@@ -147,21 +147,30 @@ def test_short_real_run_against_the_tiny_model_server(server, tmp_path):
 def test_compare_launches_a_variant_with_the_engine_cli_and_compares_it(server, tmp_path):
     """One command: launch cpu-tiny with the engine CLI, run, stop it; run the same workload
     against the live session server; one table with ratios."""
+    profile = yaml.safe_load((REPO / "configs/cpu-tiny.yaml").read_text())
+    profile["models"][0]["name"] = "launched-tiny"  # tells its answers from the session's
+    profile.pop("routing", None)
+    # a second server on this host: the default proxy (see engine.__main__.per_server_env)
+    profile["server"]["ray_env"] = {"RAY_worker_niceness": "0"}
+    profile_path = tmp_path / "launched.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
     spec = {
         "baseline": "session",
         "run": {"profile": "concurrency:2", "workload": "product:size=128x128",
                 "num_requests": 4, "output_tokens": "4", "warmup": 1},
         "variants": [
             {"name": "session", "url": server.base_url, "model": "qwen3-vl-tiny"},
-            {"name": "launched", "config": str(REPO / "configs/cpu-tiny.yaml")},
+            {"name": "launched", "config": str(profile_path)},
         ],
     }  # fmt: skip
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump(spec))
     _bench("compare", str(path), "--out", str(tmp_path / "cmp"))
     launched = read_run(tmp_path / "cmp" / "launched")
-    assert launched.meta["server_ready_s"] > 0 and launched.meta["config"].endswith("cpu-tiny.yaml")
+    assert launched.meta["server_ready_s"] > 0 and launched.meta["config"] == str(profile_path)
     assert launched.stages[0]["completed"] == 4
-    assert launched.stages[0]["served_share"] == {"qwen3-vl-tiny": 1.0}
+    assert launched.stages[0]["served_share"] == {"launched-tiny": 1.0}
+    session = read_run(tmp_path / "cmp" / "session")
+    assert session.stages[0]["served_share"] == {"qwen3-vl-tiny": 1.0}
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| launched | concurrency 2 |" in table and "Server start to healthy: launched" in table
