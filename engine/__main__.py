@@ -18,10 +18,13 @@ import urllib.request
 from engine.config import DEFAULT_PROFILE, AppConfig, load_config, tier_config
 
 
-def wait_for_health(url: str, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200, or raise after ``timeout_s``."""
+def wait_for_health(url: str, timeout_s: float, check=None) -> None:
+    """Poll ``url`` until it answers 200, or raise after ``timeout_s``. ``check()``, if given,
+    runs before every poll and raises to give up early (e.g. the server process died)."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if check is not None:
+            check()
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:

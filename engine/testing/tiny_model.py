@@ -93,18 +93,42 @@ def ensure_model(preset: str = "tiny", cache_dir: Path | None = None) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     target = (cache_dir or default_cache_dir()) / f"qwen3-vl-{preset}-v{FORMAT_VERSION}"
-    if (target / "COMPLETE").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary folder and rename: concurrent callers never see half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
         _write_checkpoint(PRESETS[preset], staging)
         (staging / "COMPLETE").write_text(FORMAT_VERSION)
+
+    return _build_once(target, "COMPLETE", build)
+
+
+def ensure_variant(spec: str, cache_dir: Path | None = None) -> Path:
+    """``'small+w8a8-int8'``: the generated ``small`` checkpoint quantized with that scheme
+    (``python -m export quantize``), built once into the cache."""
+    preset, _, scheme = spec.partition("+")
+    base = ensure_model(preset, cache_dir)
+
+    def build(staging: Path) -> None:
+        from export.quantize import quantize
+
+        # the tiny preset is 64 wide: groups of 128 do not fit, 32 do
+        quantize(base, scheme, staging, group_size=32 if preset == "tiny" else None)
+
+    return _build_once(base.parent / f"{base.name}-{scheme}", "manifest.json", build)
+
+
+def _build_once(target: Path, marker: str, build) -> Path:
+    """``target``, built by ``build(staging_dir)`` unless ``target/marker`` exists. Built in a
+    temporary folder and renamed: concurrent callers never see half a checkpoint."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
         try:
             staging.rename(target)
         except OSError:  # another process won the race
-            if not (target / "COMPLETE").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -231,27 +255,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def ensure_variant(spec: str, cache_dir: Path | None = None) -> Path:
-    """``'small+w8a8-int8'``: the generated ``small`` checkpoint quantized with that scheme
-    (``python -m export quantize``), built once into the cache."""
-    preset, _, scheme = spec.partition("+")
-    base = ensure_model(preset, cache_dir)
-    target = base.parent / f"{base.name}-{scheme}"
-    if (target / "manifest.json").exists():
-        return target
-    from export.quantize import quantize
-
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        # the tiny preset is 64 wide: groups of 128 do not fit, 32 do
-        quantize(base, scheme, staging, group_size=32 if preset == "tiny" else None)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race
-            if not (target / "manifest.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

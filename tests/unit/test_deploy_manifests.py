@@ -8,6 +8,7 @@ the RayService's ``serveConfigV2`` validates with Ray's own ``ServeDeploySchema`
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ CRD_KINDS = {"PodMonitor", "ScaledObject", "RayService"}
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 
 
+@functools.cache  # each overlay is built once per session; callers only read the objects
 def build(overlay: str) -> list[dict]:
     out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s/overlays" / overlay)],
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
