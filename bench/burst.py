@@ -127,6 +127,12 @@ def _percentile(values: list[float], q: float) -> float | None:
 def summarise(results: list[dict], fallback_name: str) -> dict:
     ok = [r for r in results if r["status"] == 200]
     ttfts = [r["ttft_ms"] for r in ok if r["ttft_ms"] is not None]
+    by_model = {}
+    for name in sorted({r["served"] for r in ok}):
+        model_ttfts = [r["ttft_ms"] for r in ok if r["served"] == name and r["ttft_ms"] is not None]
+        by_model[name] = {"completed": len(model_ttfts),
+                          "p50_ttft_ms": _percentile(model_ttfts, 50),
+                          "p99_ttft_ms": _percentile(model_ttfts, 99)}  # fmt: skip
     return {
         "sent": len(results),
         "completed": len(ok),
@@ -137,6 +143,7 @@ def summarise(results: list[dict], fallback_name: str) -> dict:
         "served_by_fallback_share": (sum(r["served"] == fallback_name for r in ok) / len(ok))
         if ok
         else 0.0,
+        "by_served_model": by_model,
     }
 
 
@@ -158,12 +165,14 @@ class Server(ServerProcess):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=CONFIG_DIR / "cpu-tiny-fallback.yaml")
+    parser.add_argument("--config", type=Path, default=CONFIG_DIR / "cpu-small-fallback.yaml")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "burst")
     parser.add_argument("--factor", type=float, default=3.0, help="burst rate / primary capacity")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--primary-seqs", type=int, default=4, help="primary max_num_seqs")
+    parser.add_argument(
+        "--primary-seqs", type=int, default=None, help="override the primary's max_num_seqs"
+    )
     parser.add_argument(
         "--max-queued",
         type=int,
@@ -177,7 +186,9 @@ def main() -> None:
     profile = yaml.safe_load(args.config.read_text())
     profile["server"]["port"] = args.port
     primary, fallback = profile["models"][0], profile["models"][1]
-    primary["engine_kwargs"]["max_num_seqs"] = args.primary_seqs
+    if args.primary_seqs is not None:
+        primary["engine_kwargs"]["max_num_seqs"] = args.primary_seqs
+    primary_seqs = primary["engine_kwargs"]["max_num_seqs"]
     if args.max_queued is not None:
         for model in profile["models"]:
             model.setdefault("saturation", {})["max_queued_requests"] = args.max_queued
@@ -190,7 +201,7 @@ def main() -> None:
 
     def burst(server: Server, rate: float, label: str, warm_up: bool) -> None:
         if warm_up:  # the "off" server is already warm from the capacity measurement
-            asyncio.run(closed_loop(server.base, bodies[:16], args.primary_seqs))
+            asyncio.run(closed_loop(server.base, bodies[:16], primary_seqs))
         results = asyncio.run(open_loop(server.base, bodies, rate, args.duration_s, seed=1))
         report[f"fallback_{label}"] = summarise(results, fallback["name"])
         print(label, report[f"fallback_{label}"], flush=True)
@@ -198,8 +209,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(off, Path(tmp), "off")
         try:
-            asyncio.run(closed_loop(server.base, bodies[:16], args.primary_seqs))  # warm-up
-            capacity = asyncio.run(closed_loop(server.base, bodies[:60], args.primary_seqs))
+            asyncio.run(closed_loop(server.base, bodies[:16], primary_seqs))  # warm-up
+            capacity = asyncio.run(closed_loop(server.base, bodies[:60], primary_seqs))
             rate = args.factor * capacity
             report |= {"primary_capacity_rps": capacity, "burst_rate_rps": rate}
             print(f"primary capacity {capacity:.2f} req/s; burst {rate:.2f} req/s", flush=True)
