@@ -28,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import images, metrics
@@ -141,6 +140,27 @@ def allow_fallback(
                        code="invalid_header", param=FALLBACK_HEADER)  # fmt: skip
 
 
+class EventStream(StreamingResponse):
+    """An SSE response that closes its event generator as soon as the response ends, however
+    it ends. Starlette only stops iterating: on a client disconnect the generator would stay
+    suspended until garbage collection, and the engine would go on generating for nobody.
+    ``on_close`` runs last, also when the stream never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                # Shielded: the disconnect may cancel this task while the generator closes.
+                await asyncio.shield(self.body_iterator.aclose())
+            finally:
+                self._on_close()
+
+
 async def _wait_for_disconnect(raw: Request) -> None:
     while (await raw.receive())["type"] != "http.disconnect":
         pass
@@ -163,6 +183,7 @@ class OpenAIServer:
                 self.engines[model.name] = HttpModel(model.name, model.url)
         self.router = Router(config, kv_cache_usage={primary.name: lambda: primary.kv_cache_usage})
         self._http_client: Any = None
+        self._decoder = images.DecodePool(config.images.decode_threads)
         self._model_cards = [
             {
                 "id": name,
@@ -232,7 +253,7 @@ class OpenAIServer:
         streaming = False
         try:
             conversation = await images.build_conversation(
-                request, self.config.images, self._fetch_client
+                request, self.config.images, self._fetch_client, self._decoder
             )
             request_id = f"chatcmpl-{uuid.uuid4().hex}"
             prepared = await self._within(
@@ -242,12 +263,10 @@ class OpenAIServer:
                 metrics.FALLBACKS.labels(request.model, engine.name).inc()
             headers = {"x-served-model": engine.name, "x-request-id": request_id}
             if request.stream:
-                streaming = True  # from here the stream releases (or, if it never starts,
-                # the background task Starlette runs after the response)
-                return StreamingResponse(
+                streaming = True  # from here the stream releases, however it ends
+                return EventStream(
                     self._stream(engine, prepared, request, arrival, deadline, release),
-                    media_type="text/event-stream", headers=headers,
-                    background=BackgroundTask(release),
+                    on_close=release, media_type="text/event-stream", headers=headers,
                 )  # fmt: skip
             text, usage, finish_reason = await self._within(
                 deadline, self._collect_unless_disconnected(raw, request, engine, prepared, arrival),
@@ -258,6 +277,9 @@ class OpenAIServer:
             return JSONResponse(body, headers=headers)
         except (RequestError, EngineError) as exc:
             metrics.REQUESTS.labels(request.model, engine.name, str(exc.status_code)).inc()
+            raise
+        except asyncio.CancelledError:  # the client went away (Ray cancels the request)
+            metrics.REQUESTS.labels(request.model, engine.name, "499").inc()
             raise
         finally:
             if not streaming:
@@ -310,9 +332,7 @@ class OpenAIServer:
             done, _ = await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
             if collect in done:
                 return collect.result()
-            collect.cancel()
-            metrics.REQUESTS.labels(request.model, engine.name, "499").inc()
-            raise asyncio.CancelledError("client disconnected")
+            raise asyncio.CancelledError("client disconnected")  # counted as 499 by the caller
         finally:
             for task in (collect, disconnect):
                 task.cancel()
@@ -351,8 +371,7 @@ class OpenAIServer:
                             time.perf_counter() - arrival
                         )
                         first = False
-                    if delta.text or delta.finish_reason:
-                        yield encoder.delta(delta.text, delta.finish_reason)
+                    yield encoder.delta(delta.text, delta.finish_reason)
             if request.include_usage:
                 yield encoder.usage(usage)
             metrics.E2E_LATENCY.labels(engine.name).observe(time.perf_counter() - arrival)

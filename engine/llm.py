@@ -9,6 +9,8 @@ max_tokens beyond it) raises the same errors, which we map to 4xx.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from typing import Any
 from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
 from engine.protocol import ChatCompletionRequest
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(slots=True)
@@ -66,6 +70,7 @@ class ModelEngine:
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._default_sampling = self.llm.model_config.get_diff_sampling_param()
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+        self._background: set[asyncio.Task] = set()
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
@@ -128,14 +133,18 @@ class ModelEngine:
         return PreparedRequest(request_id, engine_input, params, prompt_tokens)
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream deltas. Closing the iterator early aborts the request in the engine."""
+        """Stream deltas, one per engine step (vLLM DELTA mode). Leaving early (close, cancel,
+        an exception in the consumer) aborts the request in the engine at once."""
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        finished = False
+        outputs = self.llm.generate(
+            prepared.engine_input, prepared.sampling_params, prepared.request_id
+        )
         try:
-            async for output in self.llm.generate(
-                prepared.engine_input, prepared.sampling_params, prepared.request_id
-            ):
+            async for output in outputs:
                 completion = output.outputs[0]
+                finished = output.finished
                 yield GenerationDelta(
                     text=completion.text,
                     num_tokens=len(completion.token_ids),
@@ -143,9 +152,27 @@ class ModelEngine:
                     prompt_tokens=prepared.prompt_tokens,
                 )
         except EngineDeadError as exc:
+            finished = True  # nothing to abort in a dead engine
             raise EngineError(f"the engine is dead: {exc}", status_code=503) from exc
         except EngineGenerateError as exc:
             raise EngineError(f"generation failed: {exc.__cause__ or exc}") from exc
+        finally:
+            if not finished:
+                # vLLM aborts from its own generator only once that generator is closed or
+                # garbage-collected, and under Ray a reference cycle can delay that for
+                # seconds while the engine generates for nobody: abort explicitly, now.
+                self.abort(prepared.request_id)
+                self._in_background(outputs.aclose())
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request in the engine, from any context (a cancelled task included): the
+        abort runs as a task of its own, so no cancellation of the caller can skip it."""
+        self._in_background(self.llm.abort(request_id))
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)  # a strong reference until it is done
+        task.add_done_callback(_forget(self._background))
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
@@ -171,6 +198,15 @@ def _load_logger_factory(engine: ModelEngine):
             pass
 
     return LoadLogger
+
+
+def _forget(tasks: set[asyncio.Task]):
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("background engine call failed: %r", task.exception())
+
+    return done
 
 
 def _client_error_code(message: str) -> str:

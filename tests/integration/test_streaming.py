@@ -1,0 +1,101 @@
+"""Streams carry every token as it is made, and image decoding never pauses them.
+
+Counted, not timed: vLLM merges the deltas a consumer has not picked up yet, so a stream
+whose loop fell behind (or that dropped tokens without text) has fewer events than tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import MODEL
+from tests.utils import data_url, encode, image_message, noise_image
+
+pytestmark = pytest.mark.slow
+TOKENS = 64
+URL = data_url(encode(noise_image(336, 336, seed=21), "JPEG"), "image/jpeg")
+
+
+async def _stream(http: httpx.AsyncClient, max_tokens: int, image_url: str = URL) -> dict:
+    """One streaming request: its content events (arrival times) and its usage."""
+    body = {"model": MODEL, "messages": image_message(image_url), "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    events, usage, served = [], None, None
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        served = response.headers["x-served-model"]
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                events.append(time.monotonic())
+            elif chunk.get("usage"):
+                usage = chunk["usage"]
+    return {"events": events, "tokens": usage["completion_tokens"], "served": served}
+
+
+def _photo(i: int) -> Image.Image:
+    """A 4000x3000 image that compresses well (gradients): small to send, costly to decode."""
+    size = (4000, 3000)
+    bands = [Image.linear_gradient("L").resize(size), Image.radial_gradient("L").resize(size),
+             Image.linear_gradient("L").rotate(90).resize(size)]  # fmt: skip
+    photo = Image.merge("RGB", bands)
+    ImageDraw.Draw(photo).rectangle((100 * i, 100, 100 * i + 500, 600), fill=(40 * i, 80, 200))
+    return photo
+
+
+def _full(stream: dict) -> bool:
+    """At least 95% of the stream's tokens arrived as events of their own."""
+    return len(stream["events"]) >= 0.95 * stream["tokens"]
+
+
+async def _concurrent_streams(base_url: str, concurrency: int, rounds: int) -> list[dict]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        streams = []
+        for _ in range(rounds):
+            streams += await asyncio.gather(*(_stream(http, TOKENS) for _ in range(concurrency)))
+    return streams
+
+
+@pytest.mark.parametrize("concurrency, rounds", [(1, 8), (8, 2)])
+def test_every_token_arrives_as_its_own_event(server, concurrency, rounds):
+    streams = asyncio.run(_concurrent_streams(server.base_url, concurrency, rounds))
+    assert all(s["tokens"] == TOKENS for s in streams)
+    full = [s for s in streams if _full(s)]
+    counts = sorted(len(s["events"]) for s in streams)
+    assert len(full) >= 0.95 * len(streams), f"content events per {TOKENS}-token stream: {counts}"
+    # At concurrency 8 half of the streams overflow to the fallback (its Ray handle path).
+    if concurrency == 8:
+        assert len({s["served"] for s in streams}) == 2
+
+
+def test_phone_photos_being_decoded_do_not_pause_a_stream(server):
+    """Six 12 MP PNG photos (small files, ~0.2 s of CPU each to decode) arrive while a
+    stream runs. On the event loop they would stall it for over a second and vLLM would
+    merge the stalled tokens; off the loop the stream keeps every token and no long gap."""
+    photos = [data_url(encode(_photo(i))) for i in range(6)]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as http:
+            stream = asyncio.ensure_future(_stream(http, 400))
+            await asyncio.sleep(0.5)  # the stream is under way
+            uploads = [http.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": image_message(url), "max_tokens": 2})
+                for url in photos]  # fmt: skip
+            answers = await asyncio.gather(*uploads)
+            return await stream, answers
+
+    stream, answers = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200] * len(photos)
+    assert stream["tokens"] == 400
+    assert _full(stream), f"{len(stream['events'])} events for 400 tokens"
+    gaps = [b - a for a, b in zip(stream["events"], stream["events"][1:], strict=False)]
+    # Decoded on the loop the photos would stop the stream for ~2 s at once.
+    assert max(gaps) < 1.0, f"longest pause between tokens: {max(gaps):.2f}s"
