@@ -36,27 +36,25 @@ def wait_for_health(url: str, timeout_s: float, check=None) -> None:
         time.sleep(1)
 
 
-def per_server_env(port: int) -> dict[str, str]:
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(port: int) -> dict[str, str]:
     """Ray Serve's HAProxy keeps its config, sockets and state under one fixed path and binds
     fixed stats/metrics ports: a second server on the same host would crash on them. These
-    settings give each server (keyed by its API port) its own paths and free ports.
-    Not enough for two throughput-mode servers on one host: their direct-ingress replicas
-    still share ports (from 30000, SO_REUSEPORT). Run a second one with the default proxy
-    (``server.ray_env`` without RAY_SERVE_THROUGHPUT_OPTIMIZED / RAY_SERVE_ENABLE_HA_PROXY)."""
+    settings give each server (keyed by its API port) its own paths and free ports."""
     base = f"/tmp/haproxy-serve-{port}"
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("", 0))
-            ports.append(str(s.getsockname()[1]))
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{base}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{base}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
-        "RAY_SERVE_HAPROXY_STATS_PORT": ports[0],
-        "RAY_SERVE_HAPROXY_METRICS_PORT": ports[1],
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port("")),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port("")),
     }
 
 
@@ -64,9 +62,14 @@ def start(config: AppConfig) -> str:
     """Start local Ray + Serve, deploy ``config``, wait for health; return the base URL."""
     for model in config.models:
         model.resolved_model_path()  # build generated checkpoints once, before any replica
-    os.environ.update(config.server.ray_env)  # inherited by the raylet and every worker
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        for key, value in per_server_env(config.server.port).items():
+    # Inherited by the raylet and every worker. In direct mode the ingress replica listens on
+    # the API port itself, and Ray Serve's proxy (which nothing uses) on a free local port.
+    proxy_port = config.server.port
+    if config.ingress_mode == "direct":
+        proxy_port = free_port()
+    os.environ.update(config.serve_env())
+    if config.ingress_mode == "haproxy":
+        for key, value in haproxy_env(config.server.port).items():
             os.environ.setdefault(key, value)  # explicit settings win
     import ray
     from ray import serve
@@ -81,7 +84,7 @@ def start(config: AppConfig) -> str:
         include_dashboard=False,
         log_to_driver=os.environ.get("QWEN3VL_RAY_LOGS", "1") == "1",
     )
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.start(http_options={"host": config.server.host, "port": proxy_port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
     base = f"http://{host}:{config.server.port}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,14 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "cpu-tiny.yaml"
 GENERATED_PREFIX = "generated:"
-# Ray settings that decide throughput on a small machine (BENCHMARKS.md has the numbers):
-# workers at normal priority (Ray starts them at niceness 15), and Ray Serve's throughput
-# mode: HTTP goes HAProxy -> replica (direct ingress) instead of through the Python proxy
-# actor, user code runs on the replica's main event loop, requests travel over gRPC.
-THROUGHPUT_RAY_ENV = {
-    "RAY_worker_niceness": "0",
+# Ray processes at normal priority (Ray starts workers at niceness 15, behind the engine).
+DEFAULT_RAY_ENV = {"RAY_worker_niceness": "0"}
+# How HTTP reaches the ingress replica (BENCHMARKS.md has the measurements):
+#   direct   the replica's own HTTP server (Ray Serve direct ingress) listens on the API port:
+#            no proxy hop, a client that hangs up is seen at once, tokens leave as they come.
+#            One ingress replica per server (a Kubernetes pod; the local default).
+#   haproxy  Ray Serve's HAProxy on the API port in front of several ingress replicas.
+#   proxy    Ray Serve's Python proxy actor (Ray's default; slowest).
+#   auto     direct when the primary runs one replica, else haproxy.
+IngressMode = Literal["auto", "direct", "haproxy", "proxy"]
+_THROUGHPUT_MODE = {
+    # user code on the replica's main event loop, gRPC between actors, direct ingress
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 
 
@@ -49,6 +54,15 @@ class ImageLimits(_Strict):
         description="Hosts whose http(s) image URLs may be fetched; empty = data: URLs only.",
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one image fetch.")
+    decode_threads: int = Field(
+        0, ge=0, description="Images decoded at once, off the event loop; 0 = one per core."
+    )
+    inline_decode_max_pixels: int = Field(
+        262_144,
+        ge=0,
+        description="Images up to this many pixels (512x512) decode on the event loop (well "
+        "under a millisecond, no thread hop); larger ones on the decode threads.",
+    )
 
 
 class SaturationPolicy(_Strict):
@@ -184,10 +198,16 @@ class ServerConfig(_Strict):
         description="Logical CPUs for a local Ray (more than the cores: on 2 cores the ingress "
         "replica would otherwise never schedule). None = Ray's default.",
     )
+    ingress: IngressMode = Field(
+        "auto",
+        description="How HTTP reaches the ingress replica: 'direct' (its own server on the "
+        "API port, no proxy hop; one ingress replica), 'haproxy' (Ray Serve's HAProxy in "
+        "front of several), 'proxy' (Ray's Python proxy actor), 'auto' (direct when the "
+        "primary runs one replica, else haproxy).",
+    )
     ray_env: dict[str, str] = Field(
-        default_factory=lambda: dict(THROUGHPUT_RAY_ENV),
-        description="Environment for the local Ray; the default is the throughput set "
-        "measured in BENCHMARKS.md.",
+        default_factory=lambda: dict(DEFAULT_RAY_ENV),
+        description="Extra environment for the local Ray (the raylet and every worker).",
     )
     startup_timeout_s: float = Field(600, gt=0, description="How long to wait for /health.")
 
@@ -203,6 +223,13 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:
+        if self.server.ingress == "direct" and (
+            self.primary.autoscaling_config is not None or self.primary.num_replicas != 1
+        ):
+            raise ValueError(
+                "server.ingress 'direct' serves one ingress replica; the primary has "
+                "num_replicas/autoscaling_config for several: use 'haproxy' (or 'auto')"
+            )
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
@@ -221,6 +248,31 @@ class AppConfig(_Strict):
         """The model the ingress serves by default."""
         name = self.routing.primary if self.routing else self.models[0].name
         return next(m for m in self.models if m.name == name)
+
+    @property
+    def ingress_mode(self) -> str:
+        """The ingress mode, with 'auto' resolved from the primary's replica count."""
+        if self.server.ingress != "auto":
+            return self.server.ingress
+        single = self.primary.autoscaling_config is None and self.primary.num_replicas == 1
+        return "direct" if single else "haproxy"
+
+    def serve_env(self) -> dict[str, str]:
+        """Environment for the local Ray that puts the ingress mode in place."""
+        env = dict(self.server.ray_env)
+        mode, port = self.ingress_mode, self.server.port
+        if mode == "direct":
+            env |= _THROUGHPUT_MODE | {
+                "RAY_SERVE_ENABLE_HA_PROXY": "0",
+                # The ingress replica's HTTP server is allotted exactly the API port.
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+                # A restarted replica gets the port back at once.
+                "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            }
+        elif mode == "haproxy":
+            env |= _THROUGHPUT_MODE | {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+        return env
 
     @property
     def model_names(self) -> list[str]:

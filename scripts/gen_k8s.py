@@ -86,7 +86,7 @@ def _pod(container: dict, gpu: bool) -> dict:
 
 def rayservice(profile_path: Path) -> dict:
     config = load_config(profile_path)
-    env = [{"name": k, "value": v} for k, v in sorted(config.server.ray_env.items())]
+    env = [{"name": k, "value": v} for k, v in sorted(config.serve_env().items())]
     env += [{"name": "HF_HOME", "value": "/models"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
     max_gpus = sum((m.autoscaling_config or {}).get("max_replicas", m.num_replicas)
                    for m in config.models)  # fmt: skip

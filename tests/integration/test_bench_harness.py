@@ -150,8 +150,6 @@ def test_compare_launches_a_variant_with_the_engine_cli_and_compares_it(server, 
     profile = yaml.safe_load((REPO / "configs/cpu-tiny.yaml").read_text())
     profile["models"][0]["name"] = "launched-tiny"  # tells its answers from the session's
     profile.pop("routing", None)
-    # a second server on this host: the default proxy (see engine.__main__.per_server_env)
-    profile["server"]["ray_env"] = {"RAY_worker_niceness": "0"}
     profile_path = tmp_path / "launched.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     spec = {

@@ -126,8 +126,7 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
     profile = {
         "models": [{"name": "tiny-int8", "model": "generated:tiny+w8a8-int8", **model},
                    {"name": "tiny-w4a16", "model": "generated:tiny+w4a16", **model}],
-        # a second server next to the session's: the default proxy (engine.__main__.per_server_env)
-        "server": {"port": port, "ray_env": {"RAY_worker_niceness": "0"}},
+        "server": {"port": port},  # a second server next to the session's (direct ingress)
     }  # fmt: skip
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump(profile))
