@@ -1,25 +1,39 @@
-"""Throughput of our stack vs vLLM's own OpenAI server, same machine, same session.
+"""Our stack vs vLLM's own OpenAI server: same machine, same engine settings, same session.
 
-Each server is started in turn on the same profile's engine settings, warmed up, then
-measured with vLLM's own benchmark client (``vllm.benchmarks.serve``: openai-chat
-backend, random-mm dataset, one image per request). Rounds alternate the order so
-machine drift hits every server alike. Writes results.json and results.md to --out.
+Each round starts every server in turn (the order alternates from round to round, so machine
+drift hits all alike), warms it up, then measures every workload with vLLM's own benchmark
+client (``vllm.benchmarks.serve``, openai-chat backend, streaming, ``random-mm`` images):
 
-    python -m bench.compare_servers --out runs/compare
+    tiny-c1 / tiny-c8 / tiny-c32   one 336x336 image, 64 input / 64 output tokens
+    phone-c8                       one 4032x3024 JPEG (a phone photo), 64 / 64
+
+Per run: request throughput, TTFT and ITL (p50, p99), the SSE content events per stream
+(vLLM's client records one inter-token gap per event after the first, so events = gaps + 1;
+a stream whose deltas were merged has fewer events than tokens; vLLM's server sends a
+role-only chunk first, so its full stream is 65 events, ours 64), and the mean TTFT split
+into the engine's part (vLLM's own TTFT histogram) and the time before the engine (HTTP,
+JSON, images, chat template, multimodal processing). Writes results.json and
+results.md (one table per workload, ratios to vLLM's server in the same round) to --out.
+
+    python -m bench.compare_servers --out runs/compare            # 3 rounds, all workloads
+    python -m bench.compare_servers --servers vllm ours ours-haproxy ours-proxy   # every front
+    python -m bench.compare_servers --servers vllm ours --workloads tiny-c32 --rounds 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import yaml
 
 from bench.launch import ServerProcess
@@ -27,11 +41,32 @@ from bench.vllm_client import run_vllm_bench
 from engine.config import DEFAULT_PROFILE, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-METRICS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
-           "median_tpot_ms", "median_itl_ms", "completed")  # fmt: skip
+BASELINE = "vllm"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    concurrency: int
+    num_prompts: int
+    image_size: tuple[int, int]
+    output_len: int = 64
+    input_len: int = 64
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("tiny-c1", 1, 40, (336, 336)),
+        Workload("tiny-c8", 8, 160, (336, 336)),
+        Workload("tiny-c32", 32, 400, (336, 336)),
+        Workload("phone-c8", 8, 48, (4032, 3024)),
+    )
+}
 
 
 def vllm_cli_args(engine_kwargs: dict) -> list[str]:
+    """A profile's ``engine_kwargs`` as vLLM server flags."""
     args: list[str] = []
     for key, value in engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
@@ -44,8 +79,9 @@ def vllm_cli_args(engine_kwargs: dict) -> list[str]:
     return args
 
 
-def _servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[str], dict]]:
-    """name -> (command, extra environment)."""
+def servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, extra environment). ``ours`` is the default ingress of the profile
+    (direct: the replica serves the API port); the others show what each hop costs."""
     config = load_config(profile_path)
     model = config.primary
     vllm_cmd = [
@@ -53,65 +89,157 @@ def _servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[s
         "--model", model.resolved_model_path(), "--served-model-name", model.name,
         "--host", "127.0.0.1", "--port", str(port), *vllm_cli_args(model.engine_kwargs),
     ]  # fmt: skip
-    profile = yaml.safe_load(profile_path.read_text())
-    profile.setdefault("server", {})["port"] = port
-    ours = tmp / "ours.yaml"
-    ours.write_text(yaml.safe_dump(profile))
-    # The same stack through Ray Serve's default Python HTTP proxy actor (no throughput mode).
-    profile["server"]["ray_env"] = {"RAY_worker_niceness": "0"}
-    proxied = tmp / "ours-proxy.yaml"
-    proxied.write_text(yaml.safe_dump(profile))
-    serve = [sys.executable, "-m", "engine", "serve", "--config"]
-    return {
-        "vllm-openai-server": (vllm_cmd, dict(model.env)),
-        "ours (Ray Serve, HAProxy + direct ingress)": (
-            [*serve, str(ours)],
-            {"QWEN3VL_RAY_LOGS": "0"},
-        ),
-        "ours (Ray Serve, default proxy actor)": (
-            [*serve, str(proxied)],
-            {"QWEN3VL_RAY_LOGS": "0"},
-        ),
-    }
+    found = {"vllm": (vllm_cmd, dict(model.env))}
+    for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
+        profile = yaml.safe_load(profile_path.read_text())
+        profile.setdefault("server", {})["port"] = port
+        if ingress:
+            profile["server"]["ingress"] = ingress
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        command = [sys.executable, "-m", "engine", "serve", "--config", str(path)]
+        found[name] = (command, {"QWEN3VL_RAY_LOGS": "0"})
+    return found
 
 
-def _measure(name, cmd, env, port, model, tokenizer, args, log_dir: Path) -> dict:
-    log = log_dir / f"{name.split()[0]}-{time.time_ns()}.log"
-    with ServerProcess(cmd, f"http://127.0.0.1:{port}", log, env=env) as server:
-        base = server.base_url
-        run_vllm_bench(
-            base, model, tokenizer, num_prompts=args.warmup, concurrency=args.concurrency, seed=1
-        )
-        result = run_vllm_bench(base, model, tokenizer, num_prompts=args.num_prompts,
-                                concurrency=args.concurrency, seed=0)  # fmt: skip
-    time.sleep(3)
-    return {
-        "server": name,
-        "ready_s": round(server.ready_s, 1),
-        **{k: result.get(k) for k in METRICS},
-    }
+# vLLM's own request histograms (the same in both servers: the engine and its output
+# processor record them). Client TTFT minus the engine's TTFT is the time before the engine:
+# HTTP, JSON, image decode, chat template, multimodal processing.
+ENGINE_HISTOGRAMS = {
+    "engine_ttft_ms": "vllm:time_to_first_token_seconds",
+    "engine_queue_ms": "vllm:request_queue_time_seconds",
+    "engine_prefill_ms": "vllm:request_prefill_time_seconds",
+}
 
 
-def _markdown(rows: list[dict], baseline: str) -> str:
-    base = {r["round"]: r["request_throughput"] for r in rows if r["server"] == baseline}
-    lines = [
-        "| round | server | req/s | ratio vs vLLM | output tok/s | median TTFT ms | p99 TTFT ms | median TPOT ms |",
-        "|---|---|---|---|---|---|---|---|",
+def engine_histograms(base_url: str) -> dict[str, tuple[float, float]]:
+    """metric -> (sum, count) of vLLM's request histograms, all label sets added up."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    found = {}
+    for key, name in ENGINE_HISTOGRAMS.items():
+        sums = re.findall(rf"^{re.escape(name)}_sum(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+        counts = re.findall(rf"^{re.escape(name)}_count(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+        found[key] = (sum(map(float, sums)), sum(map(float, counts)))
+    return found
+
+
+def _mean_ms(before: dict, after: dict) -> dict[str, float]:
+    means = {}
+    for key in ENGINE_HISTOGRAMS:
+        total = after[key][0] - before[key][0]
+        count = after[key][1] - before[key][1]
+        means[f"mean_{key}"] = 1000 * total / count if count else float("nan")
+    return means
+
+
+def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> dict:
+    """One workload against a running server, with vLLM's client."""
+    before = engine_histograms(base_url)
+    width, height = workload.image_size
+    bucket = ["--random-mm-bucket-config", repr({(height, width, 1): 1.0})]
+    result = run_vllm_bench(
+        base_url, model, tokenizer, num_prompts=workload.num_prompts,
+        concurrency=workload.concurrency, input_len=workload.input_len,
+        output_len=workload.output_len, seed=0, extra_args=["--save-detailed", *bucket],
+    )  # fmt: skip
+    engine_side = _mean_ms(before, engine_histograms(base_url))
+    # failed requests have no TTFT (0) and no gaps
+    events = [
+        len(gaps) + 1 for gaps, ttft in zip(result["itls"], result["ttfts"], strict=True) if ttft
     ]
-    for r in rows:
-        ratio = r["request_throughput"] / base[r["round"]]
-        lines.append(
-            f"| {r['round']} | {r['server']} | {r['request_throughput']:.1f} | {ratio:.2f}x | "
-            f"{r['output_throughput']:.0f} | {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
-            f"{r['median_tpot_ms']:.1f} |"
-        )
-    lines.append("")
-    for name in dict.fromkeys(r["server"] for r in rows):
-        ratios = [r["request_throughput"] / base[r["round"]] for r in rows if r["server"] == name]
-        lines.append(
-            f"- {name}: mean ratio {statistics.mean(ratios):.2f}x over {len(ratios)} rounds"
-        )
+    return {
+        "workload": workload.name,
+        "completed": result["completed"],
+        "failed": result["failed"],
+        "request_throughput": result["request_throughput"],
+        "output_throughput": result["output_throughput"],
+        **{
+            f"{stat}_{metric}_ms": result[f"{stat}_{metric}_ms"]
+            for metric in ("ttft", "itl", "tpot")
+            for stat in ("median", "p99")
+        },  # fmt: skip
+        "mean_ttft_ms": result["mean_ttft_ms"],
+        **engine_side,
+        "events_per_stream_median": statistics.median(events) if events else 0,
+        "events_per_stream_min": min(events, default=0),
+        # share of streams with at least 95% of their tokens in separate events
+        "full_stream_share": sum(e >= 0.95 * workload.output_len for e in events)
+        / max(1, len(events)),
+    }
+
+
+def run_server(name: str, command: list[str], env: dict, port: int, profile_path: Path,
+               workloads: list[Workload], warmup: int, log_dir: Path) -> list[dict]:  # fmt: skip
+    config = load_config(profile_path)
+    model, tokenizer = config.primary.name, config.primary.resolved_model_path()
+    log = log_dir / f"{name}-{time.time_ns()}.log"
+    rows = []
+    with ServerProcess(command, f"http://127.0.0.1:{port}", log, env=env) as server:
+        # Warm-up: every workload's shapes once (vLLM on CPU compiles per batch shape).
+        for workload in workloads:
+            warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
+            measure(server.base_url, model, tokenizer, warm)
+        for workload in workloads:
+            rows.append({"server": name, "ready_s": round(server.ready_s, 1),
+                         **measure(server.base_url, model, tokenizer, workload)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    time.sleep(3)  # let the port and the cores settle before the next server
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        lines += [
+            f"**{workload}**",
+            "",
+            "| round | server | req/s | vs vLLM | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            "| events/stream (median, min) | full streams "
+            "| mean TTFT ms: client / in engine / before engine |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        these = [r for r in rows if r["workload"] == workload]
+        base = {r["round"]: r for r in these if r["server"] == BASELINE}
+        for r in these:
+            ref = base.get(r["round"])
+            ratio = r["request_throughput"] / ref["request_throughput"] if ref else float("nan")
+            lines.append(
+                f"| {r['round']} | {r['server']} | {r['request_throughput']:.2f} | {ratio:.2f}x "
+                f"| {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} "
+                f"| {r['median_itl_ms']:.2f} / {r['p99_itl_ms']:.1f} "
+                f"| {r['events_per_stream_median']:.0f}, {r['events_per_stream_min']} "
+                f"| {r['full_stream_share']:.0%} "
+                f"| {r['mean_ttft_ms']:.0f} / {r['mean_engine_ttft_ms']:.0f} "
+                f"/ {r['mean_ttft_ms'] - r['mean_engine_ttft_ms']:.0f} |"
+            )
+        lines.append("")
+        lines += summary_lines(these)
+        lines.append("")
     return "\n".join(lines)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Per server: the mean over rounds of each same-round ratio to vLLM's server."""
+    base = {r["round"]: r for r in rows if r["server"] == BASELINE}
+    out = []
+    for name in dict.fromkeys(r["server"] for r in rows):
+        if name == BASELINE:
+            continue
+        pairs = [(r, base[r["round"]]) for r in rows if r["server"] == name and r["round"] in base]
+        if not pairs:
+            continue
+        ratio = {key: _mean_ratio(pairs, key) for key in
+                 ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms")}  # fmt: skip
+        out.append(
+            f"- {name} / vLLM, mean of {len(pairs)} rounds: req/s {ratio['request_throughput']:.2f}x, "
+            f"TTFT p50 {ratio['median_ttft_ms']:.2f}x, p99 {ratio['p99_ttft_ms']:.2f}x, "
+            f"ITL p50 {ratio['median_itl_ms']:.2f}x"
+        )
+    return out
+
+
+def _mean_ratio(pairs: list[tuple[dict, dict]], key: str) -> float:
+    return statistics.mean(r[key] / b[key] for r, b in pairs if b[key])
 
 
 def main() -> None:
@@ -119,36 +247,33 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_PROFILE)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--only", nargs="*", help="substrings of server names to run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=16, help="warm-up requests per workload")
+    parser.add_argument("--servers", nargs="+", default=["vllm", "ours"],
+                        help="vllm, ours, ours-haproxy, ours-proxy")  # fmt: skip
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    config = load_config(args.config)
-    tokenizer = config.primary.resolved_model_path()
+    workloads = [WORKLOADS[w] for w in args.workloads]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        servers = _servers(args.config, args.port, Path(tmp))
-        if args.only:
-            servers = {k: v for k, v in servers.items() if any(s in k for s in args.only)}
-        rows = []
+        found = servers(args.config, args.port, Path(tmp))
+        names = [s for s in args.servers if s in found]
         for round_no in range(1, args.rounds + 1):
-            order = list(servers) if round_no % 2 else list(reversed(servers))
+            order = names if round_no % 2 else list(reversed(names))
             for name in order:
-                cmd, env = servers[name]
-                row = _measure(
-                    name, cmd, env, args.port, config.primary.name, tokenizer, args, args.out
-                )
-                rows.append({"round": round_no, **row})
-                print(json.dumps(rows[-1]), flush=True)
+                command, env = found[name]
+                for row in run_server(name, command, env, args.port, args.config, workloads,
+                                      args.warmup, args.out):  # fmt: skip
+                    rows.append({"round": round_no, **row})
     meta = {
-        "machine": f"{platform.node()} {os.cpu_count()} cpus {platform.processor() or platform.machine()}",
-        "profile": str(args.config), "num_prompts": args.num_prompts, "concurrency": args.concurrency,
-        "dataset": "random-mm, 1 image 336x336, 64 input / 64 output tokens, ignore_eos",
-    }  # fmt: skip
+        "machine": f"{platform.node()} {platform.machine()}",
+        "profile": str(args.config),
+        "client": "vllm.benchmarks.serve (openai-chat, random-mm, ignore_eos)",
+        "workloads": {w.name: w.__dict__ for w in workloads},
+    }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = _markdown(rows, "vllm-openai-server")
+    table = markdown(rows)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
 

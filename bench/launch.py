@@ -46,9 +46,12 @@ class ServerProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "QWEN3VL_RAY_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
         started = time.monotonic()
+        # A process group of its own (one signal reaches the whole server), in the caller's
+        # session: Linux's autogroup scheduling shares the CPU equally between sessions, so a
+        # new session would ignore a lower priority given to the server.
         self.proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,
         )  # fmt: skip
         try:
             self._wait_healthy(timeout_s)
