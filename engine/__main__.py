@@ -1,7 +1,16 @@
 """Command line: ``python -m engine serve [--config FILE]`` and ``python -m engine generate``.
 
-``serve`` starts a local Ray, deploys the profile, prints the URL once /health answers,
-stays up, and shuts Serve and Ray down on Ctrl-C or SIGTERM.
+``serve`` starts a local Ray, deploys the profile, prints the URL once /health answers and
+stays up. The process you start is a small supervisor; the server (Ray and all it starts)
+runs in a child in a process group of its own, so a signal to your process group reaches
+only the supervisor, which passes it on once:
+
+- SIGTERM or SIGINT (Ctrl-C): drain. /health and new requests get 503 at once, requests in
+  flight finish (up to ``server.drain_timeout_s``), then Serve and Ray stop. A second signal
+  stops without waiting.
+- Whatever way the server ends, the supervisor then ends every process still carrying the
+  server's instance id; if the supervisor itself is SIGKILLed, a watcher does it
+  (``engine.lifecycle``). Nothing is left holding the port.
 """
 
 from __future__ import annotations
@@ -10,12 +19,18 @@ import argparse
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
+from engine import lifecycle
 from engine.config import DEFAULT_PROFILE, AppConfig, load_config, tier_config
+
+_coordinator = None  # the drain coordinator actor's handle, once Ray is up
+SERVER_CHILD_ENV = "QWEN3VL_SERVER_CHILD"  # set in the supervised server process
+STOP_BOUND_S = 10.0  # Serve's own shutdown may take this long; then processes are ended
 
 
 def wait_for_health(url: str, timeout_s: float, check=None) -> None:
@@ -58,15 +73,17 @@ def haproxy_env(port: int) -> dict[str, str]:
     }
 
 
-def start(config: AppConfig) -> str:
-    """Start local Ray + Serve, deploy ``config``, wait for health; return the base URL."""
+class StartupInterrupted(Exception):
+    """A stop signal arrived before the server was healthy."""
+
+
+def start(config: AppConfig, on_signal=None, stopping: threading.Event | None = None) -> str:
+    """Start local Ray + Serve, deploy ``config``, wait for health; return the base URL.
+    ``on_signal`` handles SIGINT/SIGTERM from the moment Ray is up (ray.init installs a
+    SIGTERM handler that aborts the process); once ``stopping`` is set, start-up gives up."""
     for model in config.models:
         model.resolved_model_path()  # build generated checkpoints once, before any replica
-    # Inherited by the raylet and every worker. In direct mode the ingress replica listens on
-    # the API port itself, and Ray Serve's proxy (which nothing uses) on a free local port.
-    proxy_port = config.server.port
-    if config.ingress_mode == "direct":
-        proxy_port = free_port()
+    # Inherited by the raylet and every worker.
     os.environ.update(config.serve_env())
     if config.ingress_mode == "haproxy":
         for key, value in haproxy_env(config.server.port).items():
@@ -84,38 +101,119 @@ def start(config: AppConfig) -> str:
         include_dashboard=False,
         log_to_driver=os.environ.get("QWEN3VL_RAY_LOGS", "1") == "1",
     )
-    serve.start(http_options={"host": config.server.host, "port": proxy_port})
+    if on_signal is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+    # The drain coordinator the ingress replicas follow (engine.lifecycle); a named actor
+    # lives only while a handle to it does, so this process keeps one.
+    global _coordinator
+    _coordinator = (
+        lifecycle.lifecycle_actor_class()
+        .options(name=lifecycle.LIFECYCLE_ACTOR, namespace=lifecycle.LIFECYCLE_NAMESPACE)
+        .remote()
+    )
+    # In direct mode the ingress replica's own server listens on the API port; Ray Serve still
+    # runs a (fallback) proxy actor, even with proxy_location="Disabled", and it would take
+    # port 8000: it gets a free loopback port that nothing uses.
+    proxy = {"host": config.server.host, "port": config.server.port}
+    if config.ingress_mode == "direct":
+        proxy = {"host": "127.0.0.1", "port": free_port()}
+    serve.start(http_options=proxy)
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
     base = f"http://{host}:{config.server.port}"
-    wait_for_health(base + "/health", config.server.startup_timeout_s)
+
+    def still_wanted() -> None:
+        if stopping is not None and stopping.is_set():
+            raise StartupInterrupted("stopped before the server was healthy")
+
+    wait_for_health(base + "/health", config.server.startup_timeout_s, check=still_wanted)
     return base
 
 
+def drain(timeout_s: float, forced: threading.Event) -> None:
+    """Tell the ingress replicas to drain; wait until they have, ``timeout_s`` at most, or
+    until ``forced`` is set (a second signal)."""
+    import ray
+
+    if _coordinator is None:  # Ray never came up
+        return
+    ray.get(_coordinator.drain.remote())
+    waiting = _coordinator.wait_drained.remote(timeout_s)
+    while not forced.is_set():
+        ready, _ = ray.wait([waiting], timeout=0.5)
+        if ready:
+            left = [name for name, done in ray.get(ready[0]).items() if not done]
+            if left:
+                print(f"Drain timed out after {timeout_s:g}s; stopping anyway", flush=True)
+            return
+
+
 def stop() -> None:
+    """Stop Serve (bounded: its controller can take 30 s to give up) and Ray."""
     import ray
     from ray import serve
 
+    stopper = threading.Thread(target=serve.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(STOP_BOUND_S)
+    ray.shutdown()
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the server as a child in its own session; pass SIGTERM/SIGINT on; when it ends,
+    end whatever it left. A watcher ends everything if this process is SIGKILLed."""
+    instance = lifecycle.instance_id()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "engine", *argv],
+        # its own process group, in this session: Linux's autogroup scheduling gives each
+        # session an equal CPU share, so a new session would ignore a nice level given to us
+        env={**os.environ, SERVER_CHILD_ENV: "1"}, process_group=0,
+    )  # fmt: skip
+    lifecycle.start_reaper(instance, group=child.pid)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: child.send_signal(signum))
     try:
-        serve.shutdown()
+        return child.wait()
     finally:
-        ray.shutdown()
+        lifecycle.terminate(instance, group=child.pid)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if os.environ.get(SERVER_CHILD_ENV) != "1":
+        return supervise(args.argv)
     config = tier_config(load_config(args.config), args.serve_only,
                          dict(r.split("=", 1) for r in args.remote), args.single_replica)  # fmt: skip
     overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
-    stopping = threading.Event()
+    stopping, forced, drained = threading.Event(), threading.Event(), threading.Event()
+
+    def drain_in_background() -> None:
+        print(f"Draining (up to {config.drain_timeout_s:g}s; signal again to stop now)...",
+              flush=True)  # fmt: skip
+        try:
+            drain(config.drain_timeout_s, forced)
+        finally:
+            drained.set()
+
+    def on_signal(*_) -> None:
+        # The drain starts at once, from a thread: the main thread may be in start-up still
+        # (clients can see /health before this process does).
+        if stopping.is_set():
+            forced.set()
+        else:
+            stopping.set()
+            threading.Thread(target=drain_in_background, daemon=True).start()
+
     try:
-        base = start(config)
-        # After ray.init: Ray's core worker installs a SIGTERM handler that aborts the process.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stopping.set())
-        print(f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)", flush=True)
-        stopping.wait()
+        try:
+            base = start(config, on_signal, stopping)
+            print(f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)",
+                  flush=True)  # fmt: skip
+        except StartupInterrupted:
+            pass
+        drained.wait()
         print("Shutting down...", flush=True)
     finally:
         stop()
@@ -150,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     gen_p = sub.add_parser("generate", help="write a generated Qwen3-VL checkpoint, print its path")
     gen_p.add_argument("preset", nargs="?", default="tiny", choices=["tiny", "small"])
     gen_p.set_defaults(func=cmd_generate)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

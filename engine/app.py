@@ -28,14 +28,13 @@ def build_app(config: AppConfig) -> Application:
     """The application that serves ``config`` behind the OpenAI API."""
     fallbacks = {
         model.name: ModelServer.options(
-            name=deployment_name(model.name), **model.deployment_options()
+            name=deployment_name(model.name), **model.deployment_options(config.drain_timeout_s)
         ).bind(model)
         for model in config.fallbacks
         if model.url is None  # remote tiers run elsewhere
     }
-    return OpenAIServer.options(name="OpenAIServer", **config.primary.deployment_options()).bind(
-        config, fallbacks
-    )
+    options = config.primary.deployment_options(config.drain_timeout_s)
+    return OpenAIServer.options(name="OpenAIServer", **options).bind(config, fallbacks)
 
 
 def app_builder(args: dict) -> Application:

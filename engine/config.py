@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "cpu-tiny.yaml"
 GENERATED_PREFIX = "generated:"
-# Ray processes at normal priority (Ray starts workers at niceness 15, behind the engine).
-DEFAULT_RAY_ENV = {"RAY_worker_niceness": "0"}
+# Ray processes at normal priority (Ray starts workers at niceness 15, behind the engine);
+# replica log lines (one per request, keyed by its id) written when they happen: throughput
+# mode would buffer 1000 of them.
+DEFAULT_RAY_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 # How HTTP reaches the ingress replica (BENCHMARKS.md has the measurements):
 #   direct   the replica's own HTTP server (Ray Serve direct ingress) listens on the API port:
 #            no proxy hop, a client that hangs up is seen at once, tokens leave as they come.
@@ -139,14 +141,15 @@ class ModelConfig(_Strict):
         running = int(self.engine_kwargs.get("max_num_seqs", 256))
         return self.saturation.model_copy(update={"max_running_requests": running})
 
-    def deployment_options(self) -> dict[str, Any]:
-        """Ray Serve deployment options for this model's replicas."""
+    def deployment_options(self, drain_timeout_s: float) -> dict[str, Any]:
+        """Ray Serve deployment options for this model's replicas. ``drain_timeout_s``: how
+        long Ray Serve lets a stopping replica finish its requests (a RayService rollout)."""
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": self.ray_actor_options,
             "health_check_period_s": 10,
             "health_check_timeout_s": 60,
-            "graceful_shutdown_timeout_s": 30,
+            "graceful_shutdown_timeout_s": drain_timeout_s,
         }
         if self.autoscaling_config is not None:
             options["autoscaling_config"] = self.autoscaling_config
@@ -180,7 +183,7 @@ class AdmissionConfig(_Strict):
         300, gt=0, description="Default deadline; header x-request-timeout-s overrides it."
     )
     max_request_timeout_s: float = Field(
-        3600, gt=0, description="Largest deadline a header may ask."
+        600, gt=0, description="Largest deadline a header may ask (a drain waits this long)."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
     allow_fallback_by_default: bool = Field(
@@ -210,6 +213,12 @@ class ServerConfig(_Strict):
         description="Extra environment for the local Ray (the raylet and every worker).",
     )
     startup_timeout_s: float = Field(600, gt=0, description="How long to wait for /health.")
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="On SIGTERM, how long in-flight requests may run before the server stops; "
+        "None = admission.max_request_timeout_s (the longest request allowed fits).",
+    )
 
 
 class AppConfig(_Strict):
@@ -229,6 +238,13 @@ class AppConfig(_Strict):
             raise ValueError(
                 "server.ingress 'direct' serves one ingress replica; the primary has "
                 "num_replicas/autoscaling_config for several: use 'haproxy' (or 'auto')"
+            )
+        drain = self.server.drain_timeout_s
+        if drain is not None and drain < self.admission.max_request_timeout_s:
+            raise ValueError(
+                f"server.drain_timeout_s ({drain:g}) is shorter than admission."
+                f"max_request_timeout_s ({self.admission.max_request_timeout_s:g}): a request "
+                "allowed to run that long would be cut at shutdown"
             )
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
@@ -250,6 +266,11 @@ class AppConfig(_Strict):
         return next(m for m in self.models if m.name == name)
 
     @property
+    def drain_timeout_s(self) -> float:
+        """Seconds a SIGTERM waits for in-flight requests (at least the longest allowed)."""
+        return self.server.drain_timeout_s or self.admission.max_request_timeout_s
+
+    @property
     def ingress_mode(self) -> str:
         """The ingress mode, with 'auto' resolved from the primary's replica count."""
         if self.server.ingress != "auto":
@@ -269,6 +290,9 @@ class AppConfig(_Strict):
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
                 # A restarted replica gets the port back at once.
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                # One replica, no autoscaling: the controller need not wake 10 times a second
+                # (on 2 cores each wake-up is taken from the engine; BENCHMARKS.md).
+                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
             }
         elif mode == "haproxy":
             env |= _THROUGHPUT_MODE | {"RAY_SERVE_ENABLE_HA_PROXY": "1"}

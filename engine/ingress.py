@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import images, metrics
+from engine import images, lifecycle, metrics
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError
 from engine.llm import ModelEngine, PreparedRequest
@@ -48,6 +50,8 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="qwen3vl-serve", docs_url=None, redoc_url=None)
 TIMEOUT_HEADER = "x-request-timeout-s"
 FALLBACK_HEADER = "x-allow-fallback"
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -123,6 +127,21 @@ def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
     return value
 
 
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """The request's id: the client's ``x-request-id`` if it sent one (so traces join across
+    tiers), else the one Ray Serve assigned. Ray echoes that header on the response itself,
+    so the body's ``id`` and Ray's access log carry the same id. None outside Ray Serve."""
+    raw = headers.get(REQUEST_ID_HEADER)
+    if raw is None:
+        return None
+    if not _SAFE_REQUEST_ID.fullmatch(raw):
+        raise RequestError(
+            f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : / + = -",
+            code="invalid_header", param=REQUEST_ID_HEADER,
+        )  # fmt: skip
+    return raw
+
+
 def allow_fallback(
     headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig
 ) -> bool:
@@ -166,6 +185,34 @@ async def _wait_for_disconnect(raw: Request) -> None:
         pass
 
 
+def _server_log() -> logging.Logger:
+    """The replica's own log lines (requests, drain), written to the process's stderr file
+    descriptor as they happen: Ray Serve's logger buffers and filters in throughput mode, and
+    the worker's stderr is what Ray's log monitor forwards to the server's output."""
+    log = logging.getLogger("qwen3vl")
+    if not log.handlers:
+        handler = logging.StreamHandler(open(os.dup(2), "w", buffering=1))  # noqa: SIM115
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def _log_request(request_id: str, requested: str, served: str, status: str, arrival: float,
+                 completion_tokens: int | None = None) -> None:  # fmt: skip
+    """One line per admitted request, keyed by the id the client sees (body ``id``,
+    ``x-request-id``); Ray Serve's own access log is off in throughput mode."""
+    tokens = "" if completion_tokens is None else f" tokens={completion_tokens}"
+    _server_log().info("request %s model=%s served=%s status=%s %.0fms%s", request_id, requested,
+                served, status, 1000 * (time.perf_counter() - arrival), tokens)  # fmt: skip
+
+
+def _shutting_down() -> EngineError:
+    return EngineError("the server is shutting down; retry on another replica",
+                       status_code=503, code="shutting_down")  # fmt: skip
+
+
 # Helpers the deployment uses must be defined above it: Ray pickles the class by value.
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(app)
@@ -184,6 +231,9 @@ class OpenAIServer:
         self.router = Router(config, kv_cache_usage={primary.name: lambda: primary.kv_cache_usage})
         self._http_client: Any = None
         self._decoder = images.DecodePool(config.images.decode_threads)
+        self.draining = False
+        self._lifecycle_task: asyncio.Task | None = None
+        self._following = asyncio.Event()  # registered with the drain coordinator (or none)
         self._model_cards = [
             {
                 "id": name,
@@ -197,6 +247,10 @@ class OpenAIServer:
     # -- plain routes ------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> Response:
+        # Ready only once a drain would reach this replica.
+        await self._follow_lifecycle()
+        if self.draining:
+            return error_response(_shutting_down())
         for name, engine in self.engines.items():
             try:
                 await engine.check_health()
@@ -223,6 +277,7 @@ class OpenAIServer:
 
     async def check_health(self) -> None:
         """Ray Serve's replica health check: a dead engine gets the replica replaced."""
+        await self._follow_lifecycle()
         primary = self.engines[self.config.primary.name]
         await primary.check_health()
 
@@ -230,6 +285,10 @@ class OpenAIServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, raw: Request) -> Response:
         arrival = time.perf_counter()
+        if self.draining:
+            raise _shutting_down()
+        given_id = request_id_of(raw.headers)
+        request_id = given_id or f"chatcmpl-{uuid.uuid4().hex}"
         request = parse_request(await raw.body())
         if request.model not in self.engines:
             raise RequestError(
@@ -250,18 +309,19 @@ class OpenAIServer:
         self.router.admit(engine.name)  # no await between choose and admit: no race
         self._export_load()
         release = self._releaser(engine.name)
-        streaming = False
+        streaming, status = False, "200"
         try:
             conversation = await images.build_conversation(
                 request, self.config.images, self._fetch_client, self._decoder
             )
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
             prepared = await self._within(
                 deadline, engine.prepare(request_id, request, conversation), request
             )
             if route.fell_back:
                 metrics.FALLBACKS.labels(request.model, engine.name).inc()
-            headers = {"x-served-model": engine.name, "x-request-id": request_id}
+            headers = {"x-served-model": engine.name}
+            if given_id is None:  # outside Ray Serve nobody else sets it
+                headers[REQUEST_ID_HEADER] = request_id
             if request.stream:
                 streaming = True  # from here the stream releases, however it ends
                 return EventStream(
@@ -276,14 +336,48 @@ class OpenAIServer:
             metrics.REQUESTS.labels(request.model, engine.name, "200").inc()
             return JSONResponse(body, headers=headers)
         except (RequestError, EngineError) as exc:
-            metrics.REQUESTS.labels(request.model, engine.name, str(exc.status_code)).inc()
+            status = str(exc.status_code)
+            metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             raise
         except asyncio.CancelledError:  # the client went away (Ray cancels the request)
-            metrics.REQUESTS.labels(request.model, engine.name, "499").inc()
+            status = "499"
+            metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             raise
         finally:
             if not streaming:
                 release()
+                _log_request(request_id, request.model, engine.name, status, arrival)
+
+    # -- drain on shutdown (engine.lifecycle) -------------------------------------------
+    async def _follow_lifecycle(self) -> None:
+        """Follow the server's drain signal (started once); return once registered."""
+        if self._lifecycle_task is None:
+            self._lifecycle_task = asyncio.get_running_loop().create_task(self._drain_when_told())
+        await asyncio.wait_for(asyncio.shield(self._following.wait()), 60)
+
+    async def _drain_when_told(self) -> None:
+        import ray
+
+        try:
+            coordinator = await asyncio.to_thread(
+                ray.get_actor, lifecycle.LIFECYCLE_ACTOR, namespace=lifecycle.LIFECYCLE_NAMESPACE
+            )
+        except ValueError:
+            self._following.set()
+            return  # not started by our CLI (e.g. a RayService): Ray Serve's own shutdown
+        me = f"{id(self)}-{uuid.uuid4().hex[:8]}"
+        await coordinator.register.remote(me)
+        told = coordinator.wait_for_drain.remote()
+        self._following.set()
+        await told
+        self.draining = True
+        _server_log().info("draining: %d requests in flight", self._in_flight())
+        while self._in_flight():
+            await asyncio.sleep(0.05)
+        await coordinator.drained.remote(me)
+
+    def _in_flight(self) -> int:
+        return sum(load.in_flight for load in self.router.loads.values())
 
     def _fetch_client(self):
         if self._http_client is None:
@@ -308,7 +402,7 @@ class OpenAIServer:
     def _export_load(self) -> None:
         # Demand, not just the primary's share: while overflow goes to a fallback, the primary's
         # own count plateaus at its capacity and an HPA on it would barely scale.
-        metrics.POD_IN_FLIGHT.set(sum(load.in_flight for load in self.router.loads.values()))
+        metrics.POD_IN_FLIGHT.set(self._in_flight())
         for load in self.router.loads.values():
             metrics.IN_FLIGHT.labels(load.name).set(load.in_flight)
             metrics.SATURATED.labels(load.name).set(1 if load.saturated else 0)
@@ -390,4 +484,6 @@ class OpenAIServer:
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             release()
+            _log_request(prepared.request_id, request.model, engine.name, status, arrival,
+                         usage.completion_tokens)  # fmt: skip
         yield ChunkEncoder.DONE

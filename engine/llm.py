@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +38,13 @@ class GenerationDelta:
 class PreparedRequest:
     """A rendered, validated request, ready to enter the engine."""
 
-    request_id: str
+    request_id: str  # the public id (body ``id``, x-request-id)
     engine_input: Any  # vLLM EngineInput (token ids + processed multimodal data)
     sampling_params: Any  # vllm.SamplingParams
     prompt_tokens: int
+    # Unique in the engine even when clients reuse an x-request-id (an abort of one must not
+    # abort the other).
+    engine_request_id: str = ""
 
 
 class ModelEngine:
@@ -71,6 +75,12 @@ class ModelEngine:
         self._default_sampling = self.llm.model_config.get_diff_sampling_param()
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
         self._background: set[asyncio.Task] = set()
+        self.attention_backends = attention_backends(self.llm.vllm_config)
+        logger.info("%s: vLLM %s, attention backends %s", self.name, _vllm_version(),
+                    self.attention_backends)  # fmt: skip
+        from engine.metrics import ENGINE_INFO
+
+        ENGINE_INFO.labels(self.name, _vllm_version(), *self.attention_backends.values()).set(1)
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
@@ -130,7 +140,8 @@ class ModelEngine:
             )
         except (VLLMClientError, ValueError) as exc:
             raise RequestError(str(exc), code="invalid_sampling_params") from None
-        return PreparedRequest(request_id, engine_input, params, prompt_tokens)
+        engine_request_id = f"{request_id}-{uuid.uuid4().hex[:12]}"
+        return PreparedRequest(request_id, engine_input, params, prompt_tokens, engine_request_id)
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas, one per engine step (vLLM DELTA mode). Leaving early (close, cancel,
@@ -139,7 +150,7 @@ class ModelEngine:
 
         finished = False
         outputs = self.llm.generate(
-            prepared.engine_input, prepared.sampling_params, prepared.request_id
+            prepared.engine_input, prepared.sampling_params, prepared.engine_request_id
         )
         try:
             async for output in outputs:
@@ -161,7 +172,7 @@ class ModelEngine:
                 # vLLM aborts from its own generator only once that generator is closed or
                 # garbage-collected, and under Ray a reference cycle can delay that for
                 # seconds while the engine generates for nobody: abort explicitly, now.
-                self.abort(prepared.request_id)
+                self.abort(prepared.engine_request_id)
                 self._in_background(outputs.aclose())
 
     def abort(self, request_id: str) -> None:
@@ -180,6 +191,36 @@ class ModelEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def attention_backends(vllm_config: Any) -> dict[str, str]:
+    """The attention backends vLLM picks for this model: the decoder's paged attention and
+    the vision encoder's. Asked of vLLM's own selectors with the engine's config, which is
+    what its workers do at load (FLASH_ATTN on GPU unless the profile says otherwise)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.models.vision import get_vit_attn_backend
+    from vllm.v1.attention.selector import get_attn_backend
+
+    model = vllm_config.model_config
+    found = {"decoder": "unknown", "vision": "unknown"}
+    try:
+        with set_current_vllm_config(vllm_config):
+            found["decoder"] = get_attn_backend(
+                model.get_head_size(), model.dtype, vllm_config.cache_config.cache_dtype
+            ).get_name()
+            vision = getattr(model.hf_config, "vision_config", None)
+            if vision is not None:
+                head_size = vision.hidden_size // vision.num_heads
+                found["vision"] = get_vit_attn_backend(head_size, model.dtype).name
+    except Exception as exc:  # noqa: BLE001 - informational; never block serving on it
+        logger.warning("could not determine the attention backends: %s", exc)
+    return found
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 def _load_logger_factory(engine: ModelEngine):

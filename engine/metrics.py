@@ -52,6 +52,12 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+ENGINE_INFO = Gauge(
+    "qwen3vl_engine_info",
+    "1 per engine in this process, labelled with the vLLM release and the attention backends "
+    "it runs (the decoder's paged attention and the vision encoder's).",
+    ["model", "vllm_version", "attention_backend", "mm_encoder_attention_backend"],
+)
 FALLBACKS = Counter(
     "qwen3vl_fallbacks",
     "Requests served by a fallback instead of the requested model.",

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
+import time
+import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -143,3 +148,62 @@ def test_allow_listed_image_url_is_fetched(client, image_host):
     )
     assert response.choices[0].message.content is not None
     assert "/product.png" in image_host.requested
+
+
+def _chat_body(stream: bool = False) -> dict:
+    return {"model": MODEL, "max_tokens": 4, "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+
+
+def test_one_request_id_per_response_equal_to_the_body_id(server):
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat_body(), timeout=60)
+    assert response.status_code == 200
+    ids = response.headers.get_list("x-request-id")
+    assert len(ids) == 1, ids
+    assert response.json()["id"] == ids[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_request_id_is_echoed_in_the_header_the_body_and_the_access_log(server, stream):
+    sent = f"trace-{stream}-{uuid.uuid4().hex}"
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=_chat_body(stream),
+                      headers={"x-request-id": sent}, timeout=60) as response:  # fmt: skip
+        text = response.read().decode()
+    assert response.status_code == 200
+    assert response.headers.get_list("x-request-id") == [sent]
+    first = json.loads(text.split("data: ", 1)[1].split("\n", 1)[0]) if stream else json.loads(text)
+    assert first["id"] == sent
+    # the replica's log line for the request names the same id (its stderr, a worker log)
+    logs = glob.glob("/tmp/ray/session_*/logs/worker-*.err")
+    deadline = time.monotonic() + 10  # the line is written when the request ends
+    while not any(f"request {sent} " in Path(log).read_text(errors="replace") for log in logs):
+        assert time.monotonic() < deadline, "no log line with the request id"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("bad", ["x" * 129, "has space", 'quote"d', "semi;colon"])
+def test_an_unsafe_request_id_is_a_400_naming_the_header(server, bad):
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat_body(),
+                          headers={"x-request-id": bad}, timeout=60)  # fmt: skip
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_header", "x-request-id")
+
+
+def test_engine_info_names_the_vllm_release_and_the_attention_backends(server):
+    import vllm
+
+    text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    infos = [
+        sample
+        for family in text_string_to_metric_families(text)
+        if family.name == "qwen3vl_engine_info"
+        for sample in family.samples
+    ]
+    assert {s.labels["model"] for s in infos} >= {MODEL}
+    for sample in infos:
+        assert sample.value == 1
+        assert sample.labels["vllm_version"] == vllm.__version__
+        # what vLLM's selectors pick on this CPU: its CPU paged attention, SDPA for the ViT
+        assert sample.labels["attention_backend"] == "CPU_ATTN"
+        assert sample.labels["mm_encoder_attention_backend"] == "TORCH_SDPA"

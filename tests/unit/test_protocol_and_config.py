@@ -91,8 +91,10 @@ def test_unknown_profile_keys_are_rejected():
 def test_deployment_options_are_valid_ray_serve_options(path):
     from ray.serve.config import AutoscalingConfig
 
-    for model in load_config(path).models:
-        options = model.deployment_options()
+    config = load_config(path)
+    for model in config.models:
+        options = model.deployment_options(config.drain_timeout_s)
+        assert options["graceful_shutdown_timeout_s"] >= config.admission.max_request_timeout_s
         if "autoscaling_config" in options:
             assert "num_replicas" not in options
             scaling = AutoscalingConfig(**options["autoscaling_config"])

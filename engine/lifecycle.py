@@ -1,0 +1,140 @@
+"""A server's life after start-up: drain on SIGTERM, and no process left behind.
+
+A server's processes are found two ways, both of which survive re-parenting: Ray's workers
+(Serve's controller and replicas, HAProxy, vLLM's engine core and workers) inherit
+``QWEN3VL_INSTANCE=<id>`` from the server's environment; Ray's head processes (GCS, raylet, and
+the dashboard and runtime-env agents, which the raylet starts with an environment of its own)
+stay in the server's process group. Also after the CLI itself was SIGKILLed:
+
+- ``start_reaper`` starts a small watcher in a session of its own (signals to the server's
+  process group do not reach it). When the CLI process ends, however it ends, the watcher
+  SIGTERMs every process of the server, SIGKILLs what is left after a grace period, and exits.
+- ``Lifecycle`` is a named Ray actor the ingress replicas follow: on SIGTERM the CLI calls
+  ``drain``; each replica then answers 503 to new requests and to /health (the readiness probe
+  drops the pod), lets its in-flight requests and streams finish (up to the drain timeout),
+  and reports; the CLI shuts down once every replica has reported or the timeout passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+INSTANCE_ENV = "QWEN3VL_INSTANCE"
+LIFECYCLE_ACTOR = "qwen3vl-lifecycle"
+LIFECYCLE_NAMESPACE = "qwen3vl"
+
+
+def instance_id() -> str:
+    """This server's id, put into the environment every child process inherits. A caller may
+    set it beforehand (tests and supervisors use it to find the server's processes)."""
+    return os.environ.setdefault(INSTANCE_ENV, uuid.uuid4().hex)
+
+
+def processes_of(instance: str, group: int | None = None) -> list[int]:
+    """PIDs of the live processes that carry ``instance`` in their environment or belong to
+    process group ``group`` (this process not)."""
+    marker = f"{INSTANCE_ENV}={instance}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            ours = (group is not None and os.getpgid(pid) == group) or marker in (
+                entry / "environ"
+            ).read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if ours:
+            found.append(pid)
+    return found
+
+
+def terminate(instance: str, group: int | None = None, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process of ``instance`` (and of process group ``group``), SIGKILL those
+    still there after ``grace_s``; return the PIDs that had to be killed."""
+    for pid in processes_of(instance, group):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (left := processes_of(instance, group)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        _signal(pid, signal.SIGKILL)
+    return left
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def start_reaper(instance: str, group: int, grace_s: float = 5.0) -> subprocess.Popen:
+    """Watch this process from a new session; when it ends, end all of ``instance`` and of
+    process group ``group``."""
+    env = {k: v for k, v in os.environ.items() if k != INSTANCE_ENV}  # not one of its own targets
+    command = [sys.executable, "-m", "engine.lifecycle", str(os.getpid()), instance, str(group),
+               str(grace_s)]  # fmt: skip
+    return subprocess.Popen(
+        command, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+    )  # fmt: skip
+
+
+def _reap_after(pid: int, instance: str, group: int, grace_s: float) -> None:
+    try:
+        watched = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pass  # already gone
+    else:
+        select.select([watched], [], [])  # readable once the process has exited
+    terminate(instance, group, grace_s)
+
+
+def lifecycle_actor_class():
+    """The drain coordinator as a Ray actor class (Ray imported only where it runs)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Lifecycle:
+        def __init__(self) -> None:
+            self._draining = asyncio.Event()
+            self._replicas: dict[str, bool] = {}  # replica -> drained
+            self._changed = asyncio.Condition()
+
+        async def register(self, replica: str) -> None:
+            self._replicas.setdefault(replica, False)
+
+        async def wait_for_drain(self) -> None:
+            await self._draining.wait()
+
+        async def drain(self) -> None:
+            self._draining.set()
+
+        async def drained(self, replica: str) -> None:
+            async with self._changed:
+                self._replicas[replica] = True
+                self._changed.notify_all()
+
+        async def wait_drained(self, timeout_s: float) -> dict[str, bool]:
+            """Until every registered replica has drained, at most ``timeout_s``."""
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: all(self._replicas.values())), timeout_s
+                    )
+            return dict(self._replicas)
+
+    return Lifecycle
+
+
+if __name__ == "__main__":  # the reaper: python -m engine.lifecycle PID INSTANCE GROUP GRACE_S
+    _reap_after(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))

@@ -1,0 +1,165 @@
+"""A server's end: drain on SIGTERM, and nothing left behind after any signal.
+
+Each test starts its own server through the real CLI on one port (so every start after the
+first also proves that the port came back), with a known ``QWEN3VL_INSTANCE`` id: every
+process of that server (Ray's GCS, raylet and agents, Serve's actors, vLLM's engine core)
+carries it in its environment, except Ray's head processes, which stay in the server's process
+group (the supervisor's child): the test looks for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.launch import ServerProcess, engine_command, free_port
+from engine.config import DEFAULT_PROFILE
+from engine.lifecycle import INSTANCE_ENV, processes_of
+
+pytestmark = pytest.mark.slow
+MODEL = "qwen3-vl-tiny"
+GONE_WITHIN_S = 30
+LONG_STREAM_TOKENS = 3000  # a few seconds on the tiny model: long enough to probe the drain
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    return free_port()
+
+
+def _start(port: int, tmp_path: Path) -> tuple[ServerProcess, str]:
+    instance = uuid.uuid4().hex
+    # niceness 5, as LiveServer (tests/utils.py): the busy-waiting engine must not delay
+    # the test's own probes, whose timing is what is checked
+    server = ServerProcess(
+        ["nice", "-n", "5", *engine_command(DEFAULT_PROFILE, port)], f"http://127.0.0.1:{port}",
+        tmp_path / f"server-{instance[:8]}.log", env={INSTANCE_ENV: instance},
+    )  # fmt: skip
+    return server, instance
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections in TIME-WAIT may remain; the next test's
+    server binding the same port proves they do not stand in the way)."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _server_processes(instance: str, groups: set[int]) -> list[int]:
+    return sorted({pid for group in groups for pid in processes_of(instance, group)})
+
+
+def _groups(instance: str) -> set[int]:
+    """The process groups of a running server (Ray's head processes lack the id)."""
+    return {os.getpgid(pid) for pid in processes_of(instance)}
+
+
+def _assert_nothing_left(server: ServerProcess, instance: str, groups: set[int], port: int,
+                         sent: float) -> None:  # fmt: skip
+    deadline = sent + GONE_WITHIN_S
+    while time.monotonic() < deadline:
+        done = server.proc.poll() is not None and not _server_processes(instance, groups)
+        if done and _port_free(port):
+            print(f"all gone, port free {time.monotonic() - sent:.1f}s after the signal")
+            return
+        time.sleep(0.25)
+    left = _server_processes(instance, groups)
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in left
+             if Path(f"/proc/{pid}").exists()}  # fmt: skip
+    server.stop(timeout_s=5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
+    on_port = [line for line in sockets.splitlines() if f":{port} " in line]
+    pytest.fail(f"{GONE_WITHIN_S}s after the signal: server exited={server.proc.poll()}, "
+                f"left {names}, port {port} free={_port_free(port)} {on_port}\n"
+                f"{server.log_tail()}")  # fmt: skip
+
+
+def _chat(stream: bool, max_tokens: int) -> dict:
+    return {"model": MODEL, "stream": stream, "max_tokens": max_tokens, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count slowly."}]}  # fmt: skip
+
+
+def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothing(port, tmp_path):
+    server, instance = _start(port, tmp_path)
+    events: list[dict] = []
+    first_event = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions",
+                          json=_chat(True, LONG_STREAM_TOKENS), timeout=120) as response:  # fmt: skip
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    first_event.set()
+                elif line == "data: [DONE]":
+                    events.append({"done": True})
+
+    groups = _groups(instance)
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_event.wait(60), server.log_tail()
+    sent = time.monotonic()
+    os.killpg(server.proc.pid, signal.SIGTERM)  # what a process supervisor does
+
+    # Draining: readiness fails at once, new work is refused with a clear error...
+    health = httpx.get(f"{server.base_url}/health", timeout=10)
+    for _ in range(20):
+        if health.status_code == 503:
+            break
+        time.sleep(0.05)
+        health = httpx.get(f"{server.base_url}/health", timeout=10)
+    assert health.status_code == 503, health.text
+    assert time.monotonic() - sent < 2.0
+    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 4),
+                         timeout=10)  # fmt: skip
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert not events[-1].get("done"), "the stream ended before the drain could be observed"
+
+    # ...while the stream that was running finishes whole.
+    reader.join(60)
+    assert not reader.is_alive()
+    assert events[-1] == {"done": True}
+    finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e.get("choices")]
+    assert finish[-1] == "length", events[-3:]
+    _assert_nothing_left(server, instance, groups, port, sent)
+    assert server.proc.returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["sigterm", "sigint", "sigkill"])  # fmt: skip
+def test_a_signal_to_the_server_process_leaves_nothing_and_the_port_restarts(sig, port, tmp_path):
+    server, instance = _start(port, tmp_path)  # on the port the previous test's server used
+    ok = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 8), timeout=60)
+    assert ok.status_code == 200
+    groups = _groups(instance)
+    assert len(_server_processes(instance, groups)) >= 8  # GCS, raylet, agents, Serve, vLLM...
+    sent = time.monotonic()
+    server.proc.send_signal(sig)
+    _assert_nothing_left(server, instance, groups, port, sent)
+
+
+def test_the_port_serves_again_after_a_sigkill(port, tmp_path):
+    server, instance = _start(port, tmp_path)
+    groups = _groups(instance)
+    try:
+        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 8),
+                              timeout=60)  # fmt: skip
+        assert response.status_code == 200
+    finally:
+        sent = time.monotonic()
+        server.stop()
+    _assert_nothing_left(server, instance, groups, port, sent)
