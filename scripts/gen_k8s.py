@@ -8,7 +8,9 @@
   the kustomization, so they are copies, kept equal here).
 - ``k8s/overlays/rayservice/rayservice.yaml``: a KubeRay RayService whose ``serveConfigV2``
   is the GPU profile as a Ray Serve application (``engine.app:app_builder``), with each
-  deployment's resources and autoscaling taken from the profile.
+  deployment's resources and autoscaling taken from the profile. Its pods match the
+  Deployments': they wait for the weights Job (``k8s/base/cache``) and never download, meet
+  the restricted Pod Security profile, and get the Deployments' grace period.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def serve_config(profile_path: Path) -> dict:
     deployments = []
     for model in config.models:
         name = "OpenAIServer" if model.name == config.primary.name else deployment_name(model.name)
-        options = model.deployment_options()
+        options = model.deployment_options(config.drain_timeout_s)
         deployments.append({"name": name, **options})
     return {
         "http_options": {"host": "0.0.0.0", "port": config.server.port},
@@ -52,13 +54,21 @@ def serve_config(profile_path: Path) -> dict:
     }  # fmt: skip
 
 
+# The restricted Pod Security profile; KubeRay copies the Ray container's securityContext into
+# the init container it injects (wait-gcs-ready).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+POD_LABELS = {"app.kubernetes.io/name": "qwen3vl-ray"}  # the overlay's NetworkPolicy selects these
+
+
 def _container(name: str, resources: dict, env: list[dict], gpu: bool) -> dict:
     mounts = [
         {"name": "model-cache", "mountPath": "/models"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     container = {"name": name, "image": "qwen3vl-serve", "resources": resources, "env": env,
-                 "volumeMounts": mounts}  # fmt: skip
+                 "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts}  # fmt: skip
     if not gpu:
         container["ports"] = [{"containerPort": 6379, "name": "gcs"},
                               {"containerPort": 8265, "name": "dashboard"},
@@ -67,21 +77,45 @@ def _container(name: str, resources: dict, env: list[dict], gpu: bool) -> dict:
     return container
 
 
-def _pod(container: dict, gpu: bool) -> dict:
+def _wait_for_weights() -> dict:
+    """The init container that waits for the weights Job (k8s/base/cache); downloads nothing."""
+    return {
+        "name": "wait-for-weights", "image": "qwen3vl-serve",
+        "command": ["python3", "/opt/qwen3vl-weights/weights.py", "wait"],
+        "env": [{"name": "HF_HOME", "value": "/models"}, {"name": "HF_HUB_OFFLINE", "value": "1"},
+                # replaced from ConfigMap qwen3vl-weights by the overlay's kustomization
+                {"name": "QWEN3VL_WEIGHTS", "value": "set-by-kustomize"}],
+        "securityContext": CONTAINER_SECURITY,
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "model-cache", "mountPath": "/models", "readOnly": True},
+                         {"name": "weights-script", "mountPath": "/opt/qwen3vl-weights", "readOnly": True}],
+    }  # fmt: skip
+
+
+def _pod(container: dict, role: str, grace_s: int, gpu: bool) -> dict:
     spec = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "terminationGracePeriodSeconds": grace_s,
+        "securityContext": POD_SECURITY,
+        "initContainers": [_wait_for_weights()],
         "containers": [container],
         "volumes": [
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": "qwen3vl-model-cache"}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+            {"name": "weights-script", "configMap": {"name": "qwen3vl-weights-script"}},
         ],
     }
+    labels = POD_LABELS | {"app.kubernetes.io/component": role}
     if gpu:
         spec["nodeSelector"] = {"nvidia.com/gpu.present": "true"}
         spec["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-    return {"spec": spec}
+        spec["topologySpreadConstraints"] = [
+            {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": labels}}
+            for key in ("topology.kubernetes.io/zone", "kubernetes.io/hostname")
+        ]  # fmt: skip
+    return {"metadata": {"labels": labels}, "spec": spec}
 
 
 def rayservice(profile_path: Path) -> dict:
@@ -90,6 +124,8 @@ def rayservice(profile_path: Path) -> dict:
     env += [{"name": "HF_HOME", "value": "/models"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
     max_gpus = sum((m.autoscaling_config or {}).get("max_replicas", m.num_replicas)
                    for m in config.models)  # fmt: skip
+    # An upper bound, as for the Deployments: the longest request may finish, plus a margin.
+    grace_s = int(config.drain_timeout_s) + 60
     head = _container("ray-head", {"requests": {"cpu": "4", "memory": "16Gi"},
                                    "limits": {"memory": "16Gi"}}, env, gpu=False)  # fmt: skip
     worker = _container("ray-worker", {"requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
@@ -99,17 +135,25 @@ def rayservice(profile_path: Path) -> dict:
         "kind": "RayService",
         "metadata": {"name": "qwen3vl"},
         "spec": {
+            # None: a rayClusterConfig change (image bump) is not rolled out by a second, full-size
+            # RayCluster (NewCluster, the default, needs that capacity); serveConfigV2 changes apply
+            # in place. k8s/components/rayservice-incremental-upgrade switches to
+            # NewClusterWithIncrementalUpgrade where Gateway API and the feature gate are there.
+            "upgradeStrategy": {"type": "None"},
             "serveConfigV2": yaml.safe_dump(serve_config(profile_path), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,  # Ray adds GPU workers as Serve replicas need them
+                "autoscalerOptions": {"securityContext": CONTAINER_SECURITY},
                 "headGroupSpec": {
+                    # 0.0.0.0: the KubeRay operator reaches the dashboard through the head Service;
+                    # the overlay's NetworkPolicy admits only the operator to port 8265.
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": _pod(head, gpu=False),
+                    "template": _pod(head, "head", grace_s, gpu=False),
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu", "replicas": 3, "minReplicas": 3, "maxReplicas": max_gpus,
-                    "rayStartParams": {}, "template": _pod(worker, gpu=True),
+                    "rayStartParams": {}, "template": _pod(worker, "gpu-worker", grace_s, gpu=True),
                 }],
             },
         },
@@ -117,7 +161,10 @@ def rayservice(profile_path: Path) -> dict:
 
 
 class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (serveConfigV2) as readable ``|`` blocks."""
+    """Multi-line strings (serveConfigV2) as readable ``|`` blocks; no ``&id001`` anchors."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 _BlockDumper.add_representer(

@@ -8,14 +8,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.unit.test_deploy_manifests import _by_kind, build, needs_kubectl
+from tests.unit.test_deploy_manifests import REPO, _by_kind, build, needs_kubectl
+
+ADAPTER_VALUES = REPO / "k8s/prometheus-adapter/values.yaml"  # Helm values, adapter's namespace
 
 
 def _scaling_metric_names() -> set[str]:
     """Prometheus series behind the HPAs (via the adapter rules) and the KEDA triggers."""
     prod = build("gpu-prod")
-    (rules_map,) = [c for c in _by_kind(prod, "ConfigMap").values() if "config.yaml" in c["data"]]
-    rules = yaml.safe_load(rules_map["data"]["config.yaml"])["rules"]
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     exposed = {r["name"]["as"]: r["seriesQuery"].split("{")[0] for r in rules}
     names = set(exposed.values())
     for hpa in _by_kind(prod, "HorizontalPodAutoscaler").values():
