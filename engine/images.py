@@ -28,7 +28,9 @@ from engine.protocol import ChatCompletionRequest
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable cap before decoding
-ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP"}
+# MPO: a JPEG with extra pictures appended (what many phone cameras write); its first frame
+# is an ordinary JPEG.
+ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
@@ -47,13 +49,24 @@ def data_url_payload(url: str, limits: ImageLimits, *, param: str) -> str:
     return payload
 
 
+_URL_SAFE = str.maketrans("-_", "+/")
+_WHITESPACE = re.compile(r"[ \t\r\n]+")
+
+
 def decode_base64(payload: str, limits: ImageLimits, *, param: str) -> bytes:
+    """Standard base64 on the fast path; also what encoders commonly emit instead:
+    line-wrapped (MIME, 76 columns), URL-safe alphabet, padding left off."""
     try:
         data = pybase64.b64decode(payload, validate=True)  # SIMD: ~30x the stdlib's speed
     except (binascii.Error, ValueError):
-        raise RequestError(
-            "image data URL is not valid base64", code="invalid_image_data", param=param
-        ) from None
+        lenient = _WHITESPACE.sub("", payload).translate(_URL_SAFE)
+        lenient += "=" * (-len(lenient) % 4)
+        try:
+            data = pybase64.b64decode(lenient, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(
+                "image data URL is not valid base64", code="invalid_image_data", param=param
+            ) from None
     if len(data) > limits.max_image_bytes:
         raise _too_many_bytes(len(data), limits, param)
     return data
@@ -143,7 +156,7 @@ def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
 def normalize_image(image: Image.Image, limits: ImageLimits, *, param: str) -> Image.Image:
     """Decode the pixels of an opened image: upright (EXIF), RGB, short side capped."""
     width, height = image.size
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale in draft mode. Accept a draft a little
         # below the target (a 12 MP photo decodes at 1/4, not 1/2: 4x fewer pixels): the
         # model's processor resizes to multiples of its patch size anyway.

@@ -93,3 +93,39 @@ def test_remote_urls_need_an_allow_listed_http_host(url, code):
 def test_allow_listed_host_passes():
     limits = ImageLimits(allowed_url_hosts=["CDN.shop.example"])
     assert check_remote_url("https://cdn.shop.example/a.jpg", limits, param="p")
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda b64: b64,
+        lambda b64: "\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)),  # MIME
+        lambda b64: b64.replace("+", "-").replace("/", "_"),  # URL-safe alphabet
+        lambda b64: b64.rstrip("="),  # padding left off
+    ],
+    ids=["standard", "line-wrapped", "url-safe", "unpadded"],
+)
+@pytest.mark.parametrize("scheme", ["data:", "DATA:"])
+def test_common_base64_spellings_and_scheme_case_are_accepted(spell, scheme):
+    png = encode(noise_image(64, 48, seed=5))
+    b64 = base64.b64encode(png).decode()
+    assert "+" in b64 or "/" in b64  # the alphabet difference is exercised
+    url = f"{scheme}image/png;base64,{spell(b64)}"
+    assert decode_data_url(url, LIMITS, param="p") == png
+
+
+def test_base64_that_is_not_base64_in_any_spelling_is_a_400():
+    with pytest.raises(RequestError) as err:
+        decode_data_url("data:image/png;base64,@@not*base64@@", LIMITS, param="p")
+    assert err.value.code == "invalid_image_data"
+
+
+def test_mpo_jpeg_from_a_phone_camera_is_accepted():
+    import io
+
+    first, second = noise_image(320, 240, seed=6), noise_image(320, 240, seed=7)
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second], quality=90)
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    image = decode_image(buffer.getvalue(), LIMITS, param="p")
+    assert image.size == (320, 240) and image.mode == "RGB"
