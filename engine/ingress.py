@@ -351,6 +351,8 @@ class OpenAIServer:
     # -- drain on shutdown (engine.lifecycle) -------------------------------------------
     async def _follow_lifecycle(self) -> None:
         """Follow the server's drain signal (started once); return once registered."""
+        if self._following.is_set():  # every later health check: nothing to wait for
+            return
         if self._lifecycle_task is None:
             self._lifecycle_task = asyncio.get_running_loop().create_task(self._drain_when_told())
         await asyncio.wait_for(asyncio.shield(self._following.wait()), 60)

@@ -76,11 +76,12 @@ class ModelEngine:
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
         self._background: set[asyncio.Task] = set()
         self.attention_backends = attention_backends(self.llm.vllm_config)
-        logger.info("%s: vLLM %s, attention backends %s", self.name, _vllm_version(),
+        version = _vllm_version()
+        logger.info("%s: vLLM %s, attention backends %s", self.name, version,
                     self.attention_backends)  # fmt: skip
         from engine.metrics import ENGINE_INFO
 
-        ENGINE_INFO.labels(self.name, _vllm_version(), *self.attention_backends.values()).set(1)
+        ENGINE_INFO.labels(self.name, version, *self.attention_backends.values()).set(1)
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]

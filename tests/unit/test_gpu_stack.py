@@ -8,6 +8,7 @@ manylinux x86_64 with a CUDA torch and nothing built from source.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,6 +79,7 @@ def _registry_only_env() -> dict[str, str]:
     return env | {"PIP_CONFIG_FILE": os.devnull}
 
 
+@functools.cache  # one probe for all parametrizations
 def _registry_reachable() -> bool:
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "vllm"],
