@@ -50,12 +50,33 @@ class ImageLimits(_Strict):
     max_short_side_px: int = Field(
         768, gt=0, description="Downscale so the short side is at most this many pixels."
     )
+    max_long_side_px: int = Field(
+        3072, gt=0, description="Downscale so the long side is at most this many pixels too."
+    )
+    max_aspect_ratio: float = Field(
+        200, ge=1, description="Refuse images longer than this many times their width (or "
+        "wider than tall): Qwen-VL's image processor refuses them past 200.",
+    )  # fmt: skip
     max_images_per_request: int = Field(4, ge=0, description="Images allowed in one request.")
     allowed_url_hosts: list[str] = Field(
         default_factory=list,
-        description="Hosts whose http(s) image URLs may be fetched; empty = data: URLs only.",
+        description="Hosts whose image URLs may be fetched; empty = data: URLs only.",
     )
-    fetch_timeout_s: float = Field(10.0, gt=0, description="Total timeout of one image fetch.")
+    allowed_url_schemes: list[Literal["http", "https"]] = Field(
+        default_factory=lambda: ["https"], description="Schemes of fetched image URLs."
+    )
+    allowed_url_ports: list[int] = Field(
+        default_factory=list, description="Ports of fetched image URLs; empty = the scheme's "
+        "default port only (443, 80).",
+    )  # fmt: skip
+    allow_private_addresses: bool = Field(
+        False, description="Fetch from hosts that resolve to loopback, private, link-local "
+        "or other non-public addresses (off: an allow-listed name cannot reach the cluster).",
+    )  # fmt: skip
+    max_url_chars: int = Field(8192, gt=0, description="Length cap of a fetched image URL.")
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Total time for one image fetch: connect, headers and body."
+    )
     decode_threads: int = Field(
         0, ge=0, description="Images decoded at once, off the event loop; 0 = one per core."
     )
@@ -64,6 +85,19 @@ class ImageLimits(_Strict):
         ge=0,
         description="Images up to this many pixels (512x512) decode on the event loop (well "
         "under a millisecond, no thread hop); larger ones on the decode threads.",
+    )
+
+
+class RequestLimits(_Strict):
+    """Bounds on one request's shape, checked before any work (413/400)."""
+
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Request body size cap (images included)."
+    )
+    max_messages: int = Field(512, ge=1, description="Messages in one request.")
+    max_content_parts: int = Field(512, ge=1, description="Content parts over all messages.")
+    max_text_chars: int = Field(
+        1_000_000, ge=1, description="Characters of text over all messages (about 250k tokens)."
     )
 
 
@@ -227,6 +261,7 @@ class AppConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     routing: RoutingConfig | None = None
     images: ImageLimits = Field(default_factory=ImageLimits)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 

@@ -17,20 +17,20 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
 import pybase64
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from engine.config import ImageLimits
 from engine.errors import RequestError
+from engine.fetch import check_remote_url, fetch_image_bytes, resolve, too_many_bytes
 from engine.protocol import ChatCompletionRequest
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable cap before decoding
 # MPO: a JPEG with extra pictures appended (what many phone cameras write); its first frame
 # is an ordinary JPEG.
-ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
+_PARSERS = ("JPEG", "PNG", "WEBP")  # Pillow's JPEG parser also opens MPO
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
@@ -45,7 +45,7 @@ def data_url_payload(url: str, limits: ImageLimits, *, param: str) -> str:
     payload = url[match.end() :]
     # base64 inflates by 4/3: reject before decoding anything we would refuse anyway.
     if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
-        raise _too_many_bytes(len(payload) * 3 // 4, limits, param)
+        raise too_many_bytes(len(payload) * 3 // 4, limits, param)
     return payload
 
 
@@ -68,57 +68,13 @@ def decode_base64(payload: str, limits: ImageLimits, *, param: str) -> bytes:
                 "image data URL is not valid base64", code="invalid_image_data", param=param
             ) from None
     if len(data) > limits.max_image_bytes:
-        raise _too_many_bytes(len(data), limits, param)
+        raise too_many_bytes(len(data), limits, param)
     return data
 
 
 def decode_data_url(url: str, limits: ImageLimits, *, param: str) -> bytes:
     """Bytes of a ``data:<mime>;base64,...`` URL, with the byte cap checked first."""
     return decode_base64(data_url_payload(url, limits, param=param), limits, param=param)
-
-
-def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> str:
-    """Validate an http(s) image URL against the allow-list, without fetching it."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestError(
-            "image_url must be a data: URL or an http(s) URL", code="invalid_image_url", param=param
-        )
-    if parts.hostname.lower() not in {h.lower() for h in limits.allowed_url_hosts}:
-        raise RequestError(
-            f"image host {parts.hostname!r} is not allow-listed; send the image as a data: URL",
-            status_code=400, code="image_host_not_allowed", param=param,
-        )  # fmt: skip
-    return url
-
-
-async def fetch_image_bytes(url: str, limits: ImageLimits, *, param: str, client) -> bytes:
-    """GET an allow-listed image URL with a total timeout and a streaming byte cap."""
-    import httpx
-
-    try:
-        async with client.stream("GET", url, timeout=limits.fetch_timeout_s) as response:
-            if response.status_code != 200:
-                raise RequestError(
-                    f"fetching the image returned HTTP {response.status_code}",
-                    code="image_fetch_failed", param=param,
-                )  # fmt: skip
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limits.max_image_bytes:
-                    raise _too_many_bytes(size, limits, param)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.TimeoutException:
-        raise RequestError(
-            f"fetching the image took longer than {limits.fetch_timeout_s:g}s",
-            code="image_fetch_timeout", param=param,
-        ) from None  # fmt: skip
-    except httpx.HTTPError as exc:
-        raise RequestError(
-            f"fetching the image failed: {exc}", code="image_fetch_failed", param=param
-        ) from None
 
 
 def decode_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
@@ -129,18 +85,22 @@ def decode_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image
 def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
     """Read the header (no pixels yet) and check format and size."""
     if len(data) > limits.max_image_bytes:
-        raise _too_many_bytes(len(data), limits, param)
+        raise too_many_bytes(len(data), limits, param)
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        # Only our formats' parsers see the bytes (none of PPM, XPM, SGI, DDS, ... headers).
+        image = Image.open(io.BytesIO(data), formats=_PARSERS)  # the header only
     except UnidentifiedImageError:
+        other = _sniff(data)
+        if other:
+            raise RequestError(
+                f"image format {other} is not supported; send JPEG, PNG or WebP",
+                code="unsupported_image_format", param=param,
+            ) from None  # fmt: skip
         raise RequestError(
             "image data is not a JPEG, PNG or WebP image", code="invalid_image_data", param=param
         ) from None
-    if image.format not in ALLOWED_FORMATS:
-        raise RequestError(
-            f"image format {image.format} is not supported; send JPEG, PNG or WebP",
-            code="unsupported_image_format", param=param,
-        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes
+        raise _corrupt(exc, param) from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
         raise RequestError(
@@ -150,34 +110,55 @@ def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
         )  # fmt: skip
     if width < 1 or height < 1:
         raise RequestError("image has no pixels", code="invalid_image_data", param=param)
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise RequestError(
+            f"image is {width}x{height}; its long side may be at most "
+            f"{limits.max_aspect_ratio:g} times its short side",
+            code="image_aspect_ratio", param=param,
+        )  # fmt: skip
     return image
+
+
+_MAGIC = [(b"GIF8", 0, "GIF"), (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"),
+          (b"MM\x00*", 0, "TIFF"), (b"ftypheic", 4, "HEIC"), (b"ftypavif", 4, "AVIF")]  # fmt: skip
+
+
+def _sniff(data: bytes) -> str | None:
+    """The name of a common image format we do not serve, for a helpful error."""
+    return next((name for magic, at, name in _MAGIC if data[at : at + len(magic)] == magic), None)
+
+
+def _corrupt(exc: BaseException, param: str) -> RequestError:
+    detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return RequestError(
+        f"image data is corrupt or truncated ({detail})", code="invalid_image_data", param=param
+    )
 
 
 def normalize_image(image: Image.Image, limits: ImageLimits, *, param: str) -> Image.Image:
-    """Decode the pixels of an opened image: upright (EXIF), RGB, short side capped."""
+    """Decode the pixels of an opened image: upright (EXIF), RGB, both sides capped.
+    Whatever the bytes make Pillow raise is the client's corrupt image, never a 500."""
     width, height = image.size
-    if image.format in ("JPEG", "MPO"):
-        # libjpeg decodes at 1/2, 1/4 or 1/8 scale in draft mode. Accept a draft a little
-        # below the target (a 12 MP photo decodes at 1/4, not 1/2: 4x fewer pixels): the
-        # model's processor resizes to multiples of its patch size anyway.
-        draft = _target_size(width, height, limits.max_short_side_px * 0.9)
-        image.draft("RGB", draft)
     try:
+        if image.format in ("JPEG", "MPO"):
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale in draft mode. Accept a draft a little
+            # below the target (a 12 MP photo decodes at 1/4, not 1/2: 4x fewer pixels): the
+            # model's processor resizes to multiples of its patch size anyway.
+            image.draft("RGB", _target_size(width, height, limits, slack=0.9))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RequestError(
-            f"image data is corrupt or truncated ({exc})", code="invalid_image_data", param=param
-        ) from None
-    image = _to_rgb(image)
-    if min(image.size) > limits.max_short_side_px:
-        target = _target_size(*image.size, limits.max_short_side_px)
-        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = _to_rgb(image)
+        target = _target_size(*image.size, limits)
+        if target != image.size:
+            image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure on untrusted bytes
+        raise _corrupt(exc, param) from None
     return image
 
 
-def _target_size(width: int, height: int, max_short_side: float) -> tuple[int, int]:
-    scale = min(1.0, max_short_side / min(width, height))
+def _target_size(width: int, height: int, limits: ImageLimits, slack: float = 1.0):
+    scale = min(1.0, slack * limits.max_short_side_px / min(width, height),
+                slack * limits.max_long_side_px / max(width, height))  # fmt: skip
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -190,13 +171,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
-
-
-def _too_many_bytes(size: int, limits: ImageLimits, param: str) -> RequestError:
-    return RequestError(
-        f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes",
-        status_code=413, code="image_too_large", param=param,
-    )  # fmt: skip
 
 
 async def build_conversation(
@@ -228,6 +202,11 @@ async def build_conversation(
                 parts.append({"type": "text", "text": part.text})
             else:
                 param = f"messages.{i}.content.{j}.image_url"
+                if message.role != "user":  # as Qwen3-VL's chat template: user turns only
+                    raise RequestError(
+                        f"images are only allowed in user messages, not in a {message.role} "
+                        "message", code="image_not_in_user_message", param=param,
+                    )  # fmt: skip
                 image, content_id = await load_image(
                     part.image_url.url, limits, param, fetch_client, decoder
                 )
@@ -249,8 +228,8 @@ async def load_image(
     if url[:5].lower() == "data:":
         data = decode_data_url(url, limits, param=param)
     else:
-        check_remote_url(url, limits, param=param)
-        data = await fetch_image_bytes(url, limits, param=param, client=fetch_client())
+        target = await resolve(check_remote_url(url, limits, param=param), limits, param=param)
+        data = await fetch_image_bytes(target, limits, param=param, client=fetch_client())
     image = open_image(data, limits, param=param)
     width, height = image.size
     if width * height <= limits.inline_decode_max_pixels:

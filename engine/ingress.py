@@ -5,10 +5,10 @@ both as OpenAI-style JSON. The deployment holds the primary model's engine in-pr
 reaches fallback models through handles (``remote.RemoteModel``).
 
 Path of a chat request:
-  1. parse the JSON body and validate it (``protocol.ChatCompletionRequest``);
+  1. parse the body and headers within the profile's limits (``intake``);
   2. resolve the model (404 if unknown), the deadline and whether fallback is allowed;
   3. route: primary, a fallback, or 429 (``routing.Router``), and admit;
-  4. decode and check every image (``images.build_conversation``);
+  4. fetch, decode and check every image, within the deadline (``images.build_conversation``);
   5. render the chat with vLLM's renderer and validate it against the context (``llm``);
   6. generate within the deadline: stream SSE chunks, or collect one JSON body;
   7. release and record metrics; a client that goes away aborts the engine request.
@@ -17,24 +17,30 @@ Path of a chat request:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from engine import images, lifecycle, metrics
+from engine import fetch, images, lifecycle, metrics
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError
+from engine.intake import (
+    REQUEST_ID_HEADER,
+    allow_fallback,
+    check_body_size,
+    deadline_s,
+    parse_request,
+    request_id_of,
+)
 from engine.llm import ModelEngine, PreparedRequest
 from engine.protocol import (
     ChatCompletionRequest,
@@ -46,31 +52,33 @@ from engine.protocol import (
 from engine.remote import HttpModel, RemoteModel
 from engine.routing import Router
 
-logger = logging.getLogger("ray.serve")
 app = FastAPI(title="qwen3vl-serve", docs_url=None, redoc_url=None)
-TIMEOUT_HEADER = "x-request-timeout-s"
-FALLBACK_HEADER = "x-allow-fallback"
-REQUEST_ID_HEADER = "x-request-id"
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def error_response(exc: Exception) -> JSONResponse:
-    """Every HTTP error body is made here."""
-    headers: dict[str, str] = {}
-    if isinstance(exc, RequestError):
-        status, headers = exc.status_code, exc.headers
-        body = error_body(exc.message, error_type=exc.error_type, code=exc.code, param=exc.param)
-    elif isinstance(exc, EngineError):
-        status = exc.status_code
-        body = error_body(exc.message, error_type=exc.error_type, code=exc.code)
-    elif isinstance(exc, StarletteHTTPException):
-        status = exc.status_code
-        body = error_body(str(exc.detail), error_type="invalid_request_error", code=status)
-    else:
-        status = 500
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", error_type="server_error",
-                          code="internal")  # fmt: skip
+    """Every HTTP error response is made here."""
+    status, body, headers = error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_payload(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI-style body and headers of an error; unexpected ones say nothing of
+    their internals (the log has them)."""
+    if isinstance(exc, RequestError):
+        body = error_body(exc.message, error_type=exc.error_type, code=exc.code, param=exc.param)
+        return exc.status_code, body, exc.headers
+    if isinstance(exc, EngineError):
+        return (
+            exc.status_code,
+            error_body(exc.message, error_type=exc.error_type, code=exc.code),
+            {},
+        )
+    if isinstance(exc, StarletteHTTPException):
+        body = error_body(str(exc.detail), error_type="invalid_request_error", code=exc.status_code)
+        return exc.status_code, body, {}
+    body = error_body("internal error; the server logged it", error_type="server_error",
+                      code="internal")  # fmt: skip
+    return 500, body, {}
 
 
 @app.exception_handler(RequestError)
@@ -80,83 +88,15 @@ async def _handle(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+@app.exception_handler(ClientDisconnect)
+async def _handle_disconnect(_: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is there to read it; not an error of ours
+
+
 @app.exception_handler(Exception)
 async def _handle_unexpected(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error in a request")
+    _server_log().error("unhandled error in a request", exc_info=exc)
     return error_response(exc)
-
-
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Decode and validate a chat request body; every failure names the field."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise RequestError("request body must be a JSON object", code="invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        # With unions pydantic reports every branch; the deepest location is the real problem.
-        first = max(exc.errors(), key=lambda e: len(e["loc"]))
-        where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
-        raise RequestError(
-            f"{where}: {first['msg']}" if where else first["msg"], param=where or None
-        ) from None
-
-
-def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and (part in ("str", "int", "list") or "[" in part)
-
-
-def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
-    """Seconds this request may take: the profile default, or the header's (bounded)."""
-    raw = headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return config.admission.request_timeout_s
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= config.admission.max_request_timeout_s:
-        raise RequestError(
-            f"{TIMEOUT_HEADER} must be a number of seconds in (0, "
-            f"{config.admission.max_request_timeout_s:g}], got {raw!r}",
-            code="invalid_timeout", param=TIMEOUT_HEADER,
-        )  # fmt: skip
-    return value
-
-
-def request_id_of(headers: Mapping[str, str]) -> str | None:
-    """The request's id: the client's ``x-request-id`` if it sent one (so traces join across
-    tiers), else the one Ray Serve assigned. Ray echoes that header on the response itself,
-    so the body's ``id`` and Ray's access log carry the same id. None outside Ray Serve."""
-    raw = headers.get(REQUEST_ID_HEADER)
-    if raw is None:
-        return None
-    if not _SAFE_REQUEST_ID.fullmatch(raw):
-        raise RequestError(
-            f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : / + = -",
-            code="invalid_header", param=REQUEST_ID_HEADER,
-        )  # fmt: skip
-    return raw
-
-
-def allow_fallback(
-    headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig
-) -> bool:
-    """Strict mode: body ``allow_fallback: false`` or header ``x-allow-fallback: false``."""
-    if request.allow_fallback is not None:
-        return request.allow_fallback
-    raw = headers.get(FALLBACK_HEADER)
-    if raw is None:
-        return config.admission.allow_fallback_by_default
-    if raw.lower() in ("false", "0", "no", "never"):
-        return False
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    raise RequestError(f"{FALLBACK_HEADER} must be true or false, got {raw!r}",
-                       code="invalid_header", param=FALLBACK_HEADER)  # fmt: skip
 
 
 class EventStream(StreamingResponse):
@@ -255,7 +195,9 @@ class OpenAIServer:
             try:
                 await engine.check_health()
             except Exception as exc:  # noqa: BLE001 - any failure means "not serving"
-                return error_response(EngineError(f"{name}: {exc}", status_code=503))
+                _server_log().warning("health check of %s failed: %r", name, exc)
+                return error_response(EngineError(f"model {name} is not healthy",
+                                                  status_code=503, code="unhealthy"))  # fmt: skip
         return JSONResponse({"status": "ok", "models": list(self.engines)})
 
     @app.get("/v1/models")
@@ -289,7 +231,8 @@ class OpenAIServer:
             raise _shutting_down()
         given_id = request_id_of(raw.headers)
         request_id = given_id or f"chatcmpl-{uuid.uuid4().hex}"
-        request = parse_request(await raw.body())
+        check_body_size(raw.headers, self.config.limits)
+        request = parse_request(await raw.body(), self.config.limits)
         if request.model not in self.engines:
             raise RequestError(
                 f"model {request.model!r} does not exist; available: {sorted(self.engines)}",
@@ -311,9 +254,9 @@ class OpenAIServer:
         release = self._releaser(engine.name)
         streaming, status = False, "200"
         try:
-            conversation = await images.build_conversation(
+            conversation = await self._within(deadline, images.build_conversation(
                 request, self.config.images, self._fetch_client, self._decoder
-            )
+            ), request)  # fmt: skip
             prepared = await self._within(
                 deadline, engine.prepare(request_id, request, conversation), request
             )
@@ -383,9 +326,7 @@ class OpenAIServer:
 
     def _fetch_client(self):
         if self._http_client is None:
-            import httpx
-
-            self._http_client = httpx.AsyncClient(follow_redirects=False)
+            self._http_client = fetch.fetch_client()
         return self._http_client
 
     def _releaser(self, name: str):
@@ -483,6 +424,10 @@ class OpenAIServer:
         except asyncio.CancelledError:
             status = "499"  # client went away; leaving generate() aborted the engine request
             raise
+        except Exception as exc:  # noqa: BLE001 - a stream always ends with an error and DONE
+            status = "500"
+            _server_log().error("stream %s failed", prepared.request_id, exc_info=exc)
+            yield encoder.error(error_payload(exc)[1])
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             release()

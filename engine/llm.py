@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class ModelEngine:
         self._default_sampling = self.llm.model_config.get_diff_sampling_param()
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
         self._background: set[asyncio.Task] = set()
+        self._control_tokens = control_token_pattern(self.llm.get_tokenizer())
         self.attention_backends = attention_backends(self.llm.vllm_config)
         version = _vllm_version()
         logger.info("%s: vLLM %s, attention backends %s", self.name, version,
@@ -105,6 +107,7 @@ class ModelEngine:
             max_total_tokens_param="max_model_len",
             max_output_tokens_param="max_tokens",
         )
+        defuse_control_tokens(conversation, self._control_tokens)
         try:
             _, (engine_input,) = await self.llm.renderer.render_chat_async(
                 [conversation], self._chat_params, tok_params
@@ -192,6 +195,40 @@ class ModelEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+_WORD_JOINER = "\u2060"
+
+
+def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern of the tokenizer's special tokens (``<|im_start|>``, ``<|image_pad|>``, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = {t.content for t in added.values() if getattr(t, "special", False)}
+    tokens |= set(getattr(tokenizer, "all_special_tokens", None) or ())
+    tokens = {t for t in tokens if len(t) > 1}
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def defuse_control_tokens(conversation: list[dict[str, Any]], pattern: re.Pattern[str] | None):
+    """Client text that spells a special token stays text: a word joiner after its first
+    character keeps the tokenizer from reading it as the control token (no role spoofing
+    with ``<|im_start|>``, no stray ``<|image_pad|>`` placeholders). In place."""
+    if pattern is None:
+        return
+
+    def defuse(text: str) -> str:
+        return pattern.sub(lambda m: m[0][0] + _WORD_JOINER + m[0][1:], text)
+
+    for message in conversation:
+        content = message["content"]
+        if isinstance(content, str):
+            message["content"] = defuse(content)
+            continue
+        for part in content:
+            if part.get("type") == "text":
+                part["text"] = defuse(part["text"])
 
 
 def attention_backends(vllm_config: Any) -> dict[str, str]:

@@ -64,9 +64,9 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's API
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served.")
@@ -84,8 +84,8 @@ class ChatCompletionRequest(_Lenient):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("stop takes at most 8 non-empty strings")
+        if len(stops) > 8 or any(not 0 < len(s) <= 512 for s in stops):
+            raise ValueError("stop takes at most 8 non-empty strings of at most 512 characters")
         return stops
 
     @property

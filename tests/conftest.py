@@ -53,9 +53,10 @@ def image_host():
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory) -> LiveServer:
+def server(tmp_path_factory, image_host) -> LiveServer:
     """The CPU fallback profile (two tiny engines) with test-sized limits: the primary runs
-    4 sequences, 2 images per request, and 'localhost' (not 127.0.0.1) allow-listed."""
+    4 sequences, 2 images per request, and the image host allow-listed as 'localhost' (not
+    127.0.0.1): plain http on its port, a loopback address."""
     tmp: Path = tmp_path_factory.mktemp("server")
     profile = yaml.safe_load((CONFIG_DIR / "cpu-tiny-fallback.yaml").read_text())
     primary, fallback = profile["models"]
@@ -65,7 +66,11 @@ def server(tmp_path_factory) -> LiveServer:
     primary["saturation"]["max_queued_requests"] = PRIMARY_QUEUE
     fallback["engine_kwargs"]["max_num_seqs"] = FALLBACK_SEQS
     fallback["saturation"]["max_queued_requests"] = FALLBACK_QUEUE
-    profile["images"] = {"max_images_per_request": 2, "allowed_url_hosts": ["localhost"]}
+    profile["images"] = {
+        "max_images_per_request": 2, "allowed_url_hosts": ["localhost"],
+        "allowed_url_schemes": ["http"], "allowed_url_ports": [image_host.server_port],
+        "allow_private_addresses": True,
+    }  # fmt: skip
     profile["server"]["port"] = free_port()
     config_path = tmp / "profile.yaml"
     config_path.write_text(yaml.safe_dump(profile))

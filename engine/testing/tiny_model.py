@@ -31,7 +31,7 @@ SPECIAL_TOKENS = [
 ]  # fmt: skip
 TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 SEED = 1234
-FORMAT_VERSION = "1"  # bump to invalidate every cached checkpoint
+FORMAT_VERSION = "2"  # bump to invalidate every cached checkpoint
 
 # A small bilingual corpus (product tagging, customer service) to train the BPE merges on.
 _CORPUS = [

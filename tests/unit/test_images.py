@@ -9,7 +9,8 @@ from PIL import Image
 
 from engine.config import ImageLimits
 from engine.errors import RequestError
-from engine.images import check_remote_url, decode_data_url, decode_image
+from engine.fetch import check_remote_url
+from engine.images import decode_data_url, decode_image
 from tests.utils import encode, noise_image, png_header_only
 
 LIMITS = ImageLimits()

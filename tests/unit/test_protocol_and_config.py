@@ -8,7 +8,7 @@ import pytest
 
 from engine.config import CONFIG_DIR, AppConfig, load_config
 from engine.errors import RequestError
-from engine.ingress import parse_request
+from engine.intake import parse_request
 from engine.protocol import ChunkEncoder, Usage
 
 

@@ -1,0 +1,180 @@
+"""Request intake: body and headers to a validated request, within the profile's limits.
+
+Every check here is cheap and runs before routing: a body too large (413), JSON that is
+malformed, too deep, holds integers too long or strings that are not Unicode, a request
+of too many messages, parts or characters, headers out of range. Each raises
+``RequestError`` naming the field, so no bad input reaches the engine or costs more than
+its own parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.config import AppConfig, RequestLimits
+from engine.errors import RequestError
+from engine.protocol import ChatCompletionRequest
+
+TIMEOUT_HEADER = "x-request-timeout-s"
+FALLBACK_HEADER = "x-allow-fallback"
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+# A \uXXXX escape of a UTF-16 surrogate: the only way JSON text can carry a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_body_size(headers: Mapping[str, str], limits: RequestLimits) -> None:
+    """Refuse a declared body over the cap before reading it."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise _body_too_large(int(declared), limits)
+
+
+def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompletionRequest:
+    """Decode and validate a chat request body; every failure names the field."""
+    limits = limits or RequestLimits()
+    if len(body) > limits.max_body_bytes:
+        raise _body_too_large(len(body), limits)
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError("request body JSON is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, int digits limit
+        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise RequestError("request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(body):  # rare: only then walk the strings
+        where = _lone_surrogate_at(data)
+        if where is not None:
+            raise RequestError(
+                f"{where or 'body'}: string holds a lone UTF-16 surrogate; send valid Unicode",
+                code="invalid_json", param=where or None,
+            )  # fmt: skip
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        # With unions pydantic reports every branch; the deepest location is the real problem.
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+        raise RequestError(
+            f"{where}: {first['msg']}" if where else first["msg"], param=where or None
+        ) from None
+    check_shape(request, limits)
+    return request
+
+
+def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
+    """Messages, content parts and characters of text within the profile's limits."""
+    if len(request.messages) > limits.max_messages:
+        raise RequestError(
+            f"request has {len(request.messages)} messages; at most {limits.max_messages} "
+            "are allowed", code="too_many_messages", param="messages",
+        )  # fmt: skip
+    parts = chars = 0
+    for message in request.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content:
+            parts += len(message.content)
+            chars += sum(len(p.text) for p in message.content if p.type == "text")
+    if parts > limits.max_content_parts:
+        raise RequestError(
+            f"request has {parts} content parts; at most {limits.max_content_parts} are allowed",
+            code="too_many_content_parts", param="messages",
+        )  # fmt: skip
+    if chars > limits.max_text_chars:
+        raise RequestError(
+            f"request has {chars} characters of text; at most {limits.max_text_chars} are "
+            "allowed", code="text_too_long", param="messages",
+        )  # fmt: skip
+
+
+def _body_too_large(size: int, limits: RequestLimits) -> RequestError:
+    return RequestError(
+        f"request body is {size} bytes; the limit is {limits.max_body_bytes} bytes",
+        status_code=413, code="request_too_large",
+    )  # fmt: skip
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _lone_surrogate_at(data: Any) -> str | None:
+    """The dotted path of the first string holding a lone surrogate, or None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii():  # a key can carry one too
+                    stack.append((path, key))
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "list") or "[" in part)
+
+
+def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
+    """Seconds this request may take: the profile default, or the header's (bounded)."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return config.admission.request_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= config.admission.max_request_timeout_s:
+        raise RequestError(
+            f"{TIMEOUT_HEADER} must be a number of seconds in (0, "
+            f"{config.admission.max_request_timeout_s:g}], got {raw[:64]!r}",
+            code="invalid_timeout", param=TIMEOUT_HEADER,
+        )  # fmt: skip
+    return value
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """The request's id: the client's ``x-request-id`` if it sent one (so traces join across
+    tiers), else the one Ray Serve assigned. Ray echoes that header on the response itself,
+    so the body's ``id`` and Ray's access log carry the same id. None outside Ray Serve."""
+    raw = headers.get(REQUEST_ID_HEADER)
+    if raw is None:
+        return None
+    if not _SAFE_REQUEST_ID.fullmatch(raw):
+        raise RequestError(
+            f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : / + = -",
+            code="invalid_header", param=REQUEST_ID_HEADER,
+        )  # fmt: skip
+    return raw
+
+
+def allow_fallback(
+    headers: Mapping[str, str], request: ChatCompletionRequest, config: AppConfig
+) -> bool:
+    """Strict mode: body ``allow_fallback: false`` or header ``x-allow-fallback: false``."""
+    if request.allow_fallback is not None:
+        return request.allow_fallback
+    raw = headers.get(FALLBACK_HEADER)
+    if raw is None:
+        return config.admission.allow_fallback_by_default
+    if raw.lower() in ("false", "0", "no", "never"):
+        return False
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    raise RequestError(f"{FALLBACK_HEADER} must be true or false, got {raw[:64]!r}",
+                       code="invalid_header", param=FALLBACK_HEADER)  # fmt: skip

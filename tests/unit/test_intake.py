@@ -1,0 +1,151 @@
+"""Request intake: every malformed or oversized body is a named 4xx before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.config import RequestLimits
+from engine.errors import RequestError
+from engine.intake import check_body_size, parse_request
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _body(**fields) -> bytes:
+    return json.dumps({"model": "m", "messages": USER, **fields}).encode()
+
+
+def _refused(body: bytes, limits: RequestLimits | None = None) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse_request(body, limits)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (_body()[:-1] + b', "ignored": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        (_body()[:-1] + b', "max_tokens": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+        (_body()[:-1] + b', "temperature": NaN}', "not valid JSON"),
+        (b'{"model": "m", "messages": [}', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+    ids=["deep", "deep-in-ignored-field", "int-digits", "nan", "syntax", "not-utf8"],
+)
+def test_json_that_python_cannot_or_should_not_parse_is_a_400(body, words):
+    error = _refused(body)
+    assert error.status_code == 400 and error.code == "invalid_json" and words in error.message
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (_body(stop="\\ud800").replace(b"\\\\ud800", b"\\ud800"), "stop"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "a\\udc00b"}]}',
+            "messages.0.content",
+        ),  # fmt: skip
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_its_field(body, param):
+    error = _refused(body)
+    assert error.param == param and "surrogate" in error.message
+
+
+def test_a_surrogate_pair_is_an_emoji_not_an_error():
+    request = parse_request(
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    )
+    assert request.messages[0].content == "\U0001f600"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("top_k", 2**64),
+        ("stop", "x" * 513),
+        ("stop", ["a"] * 9),
+        ("max_tokens", 0),
+        ("n", 2),
+    ],  # fmt: skip
+)
+def test_values_the_engine_would_choke_on_are_refused_here(field, value):
+    error = _refused(_body(**{field: value}))
+    assert error.status_code == 400 and error.param == field
+
+
+def test_int64_seed_and_int32_top_k_pass():
+    request = parse_request(_body(seed=2**63 - 1, top_k=2**31 - 1))
+    assert request.seed == 2**63 - 1
+
+
+def test_body_over_the_cap_is_a_413_before_and_after_reading():
+    limits = RequestLimits(max_body_bytes=1000)
+    with pytest.raises(RequestError) as info:
+        check_body_size({"content-length": "1001"}, limits)
+    assert info.value.status_code == 413 and info.value.code == "request_too_large"
+    check_body_size({"content-length": "1000"}, limits)  # at the cap: fine
+    error = _refused(_body(pad="x" * 1000), limits)  # chunked: no content-length
+    assert error.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "messages, limits, code",
+    [
+        (USER * 4, RequestLimits(max_messages=3), "too_many_messages"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "a"}] * 4}],
+            RequestLimits(max_content_parts=3),
+            "too_many_content_parts",
+        ),  # fmt: skip
+        (
+            [
+                {"role": "user", "content": "abc"},
+                {"role": "user", "content": [{"type": "text", "text": "d"}]},
+            ],
+            RequestLimits(max_text_chars=3),
+            "text_too_long",
+        ),  # fmt: skip
+    ],
+)
+def test_request_shape_limits(messages, limits, code):
+    error = _refused(json.dumps({"model": "m", "messages": messages}).encode(), limits)
+    assert error.status_code == 400 and error.code == code and error.param == "messages"
+
+
+def test_a_stream_that_fails_unexpectedly_still_ends_with_an_error_event_and_done():
+    """The engine raising something we did not foresee, after the headers went out: the
+    client gets an OpenAI error event (no internals) and [DONE], and the request is released."""
+    import asyncio
+    import time
+
+    from engine.ingress import OpenAIServer
+    from engine.llm import GenerationDelta, PreparedRequest
+
+    class Failing:
+        name = "m"
+
+        async def generate(self, prepared):
+            yield GenerationDelta("a", 1, None, 3)
+            raise RuntimeError("secret internal detail")
+
+    released = []
+    request = parse_request(_body(stream=True))
+    prepared = PreparedRequest("req-1", None, None, 3)
+    stream = OpenAIServer.func_or_class._stream(
+        None, Failing(), prepared, request, time.perf_counter(), time.perf_counter() + 60,
+        lambda: released.append(True),
+    )  # fmt: skip
+
+    async def drain() -> list[str]:
+        return [event async for event in stream]
+
+    events = asyncio.run(drain())
+    assert events[-1] == "data: [DONE]\n\n" and released == [True]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "internal" and "secret" not in events[-2]
