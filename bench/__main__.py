@@ -3,12 +3,14 @@
 python -m bench run --url URL --model NAME --profile concurrency:8 --workload product --out DIR
 python -m bench compare RUN_DIR [RUN_DIR ...] [--baseline LABEL] --out DIR
 python -m bench compare variants.yaml --out DIR     # launches each variant's profile in turn
+python -m bench soak [--duration-s 600] --out DIR   # bounded overload soak (bench/soak.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from bench.metrics import parse_slo
@@ -88,6 +90,13 @@ def main() -> None:
     add_arguments(sim)
     sim.set_defaults(func=_autoscale)
 
+    commands.add_parser("soak", add_help=False,
+                        help="bounded overload soak: 2x capacity with hostile traffic")  # fmt: skip
+
+    if sys.argv[1:2] == ["soak"]:  # its own parser (bench/soak.py)
+        from bench.soak import main as soak
+
+        raise SystemExit(soak(sys.argv[2:]))
     args = parser.parse_args()
     args.func(args)
 

@@ -220,6 +220,10 @@ class AdmissionConfig(_Strict):
         600, gt=0, description="Largest deadline a header may ask (a drain waits this long)."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
+    ttft_slo_s: float | None = Field(
+        None, gt=0, description="p99 time to first token promised to admitted requests at "
+        "any load (the bounded queues keep it; `python -m bench soak` checks it).",
+    )  # fmt: skip
     allow_fallback_by_default: bool = Field(
         True, description="Whether requests may be served by a fallback unless they opt out."
     )

@@ -38,9 +38,11 @@ def fetch_client():
     import httpx
 
     no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    # No kept-alive connections: a pinned connection is keyed by address, and a TLS session
+    # checked for one allow-listed name must not serve another name on the same address.
     return httpx.AsyncClient(
         follow_redirects=False, trust_env=False, cookies=no_cookies,
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
     )  # fmt: skip
 
 
@@ -67,7 +69,7 @@ def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> Target:
                            "URL", param)  # fmt: skip
     if parts.scheme not in limits.allowed_url_schemes:
         raise _not_allowed(f"image URLs must use {' or '.join(limits.allowed_url_schemes)}", param)
-    port = port or _DEFAULT_PORTS[parts.scheme]
+    port = _DEFAULT_PORTS[parts.scheme] if port is None else port
     allowed_ports = limits.allowed_url_ports or [_DEFAULT_PORTS[parts.scheme]]
     if port not in allowed_ports:
         raise _not_allowed(f"image URL port {port} is not allowed", param)
@@ -93,11 +95,21 @@ async def _getaddrinfo(host: str, port: int):
     return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
+_NAT64 = [ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48")]
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def _public(address: str) -> bool:
+    """Globally routable, and so is any IPv4 address an IPv6 one carries (mapped, 6to4,
+    Teredo, NAT64, IPv4-compatible): DNS64 must not lead to 10.0.0.0/8."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    addresses = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        if any(ip in net for net in _NAT64) or ip in _IPV4_COMPATIBLE:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        addresses += [a for a in embedded if a is not None]
+    return all(a.is_global and not a.is_multicast for a in addresses)
 
 
 def request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
@@ -116,12 +128,12 @@ def request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
 
 
 async def fetch_image_bytes(target: Target, limits: ImageLimits, *, param: str, client) -> bytes:
-    """GET a checked image URL: one total timeout, a streaming byte cap."""
+    """Resolve (and check) and GET an image URL: one total timeout, a streaming byte cap."""
     import httpx
 
-    url, headers, extensions = request_for(target)
     try:
         async with asyncio.timeout(limits.fetch_timeout_s):
+            url, headers, extensions = request_for(await resolve(target, limits, param=param))
             async with client.stream("GET", url, headers=headers, extensions=extensions,
                                      timeout=limits.fetch_timeout_s) as response:  # fmt: skip
                 if response.status_code != 200:

@@ -23,7 +23,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from engine.config import ImageLimits
 from engine.errors import RequestError
-from engine.fetch import check_remote_url, fetch_image_bytes, resolve, too_many_bytes
+from engine.fetch import check_remote_url, fetch_image_bytes, too_many_bytes
 from engine.protocol import ChatCompletionRequest
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
@@ -228,7 +228,7 @@ async def load_image(
     if url[:5].lower() == "data:":
         data = decode_data_url(url, limits, param=param)
     else:
-        target = await resolve(check_remote_url(url, limits, param=param), limits, param=param)
+        target = check_remote_url(url, limits, param=param)
         data = await fetch_image_bytes(target, limits, param=param, client=fetch_client())
     image = open_image(data, limits, param=param)
     width, height = image.size

@@ -36,9 +36,9 @@ from engine.errors import EngineError, RequestError
 from engine.intake import (
     REQUEST_ID_HEADER,
     allow_fallback,
-    check_body_size,
     deadline_s,
     parse_request,
+    read_body,
     request_id_of,
 )
 from engine.llm import ModelEngine, PreparedRequest
@@ -231,8 +231,7 @@ class OpenAIServer:
             raise _shutting_down()
         given_id = request_id_of(raw.headers)
         request_id = given_id or f"chatcmpl-{uuid.uuid4().hex}"
-        check_body_size(raw.headers, self.config.limits)
-        request = parse_request(await raw.body(), self.config.limits)
+        request = parse_request(await read_body(raw, self.config.limits), self.config.limits)
         if request.model not in self.engines:
             raise RequestError(
                 f"model {request.model!r} does not exist; available: {sorted(self.engines)}",
@@ -284,6 +283,10 @@ class OpenAIServer:
             raise
         except asyncio.CancelledError:  # the client went away (Ray cancels the request)
             status = "499"
+            metrics.REQUESTS.labels(request.model, engine.name, status).inc()
+            raise
+        except Exception:  # the handler answers a generic 500; counted and logged as one
+            status = "500"
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             raise
         finally:
@@ -418,16 +421,15 @@ class OpenAIServer:
             metrics.REJECTIONS.labels(request.model, "deadline_exceeded").inc()
             yield encoder.error(error_body("the request did not finish within its deadline",
                                            error_type="timeout_error", code="deadline_exceeded"))  # fmt: skip
-        except EngineError as exc:
-            status = str(exc.status_code)
-            yield encoder.error(error_body(exc.message, error_type=exc.error_type, code=exc.code))
         except asyncio.CancelledError:
             status = "499"  # client went away; leaving generate() aborted the engine request
             raise
         except Exception as exc:  # noqa: BLE001 - a stream always ends with an error and DONE
-            status = "500"
-            _server_log().error("stream %s failed", prepared.request_id, exc_info=exc)
-            yield encoder.error(error_payload(exc)[1])
+            code, body, _ = error_payload(exc)
+            status = str(code)
+            if code >= 500 and not isinstance(exc, EngineError):
+                _server_log().error("stream %s failed", prepared.request_id, exc_info=exc)
+            yield encoder.error(body)
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             release()

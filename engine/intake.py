@@ -25,14 +25,28 @@ FALLBACK_HEADER = "x-allow-fallback"
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # A \uXXXX escape of a UTF-16 surrogate: the only way JSON text can carry a lone one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def check_body_size(headers: Mapping[str, str], limits: RequestLimits) -> None:
     """Refuse a declared body over the cap before reading it."""
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+    valid = declared is not None and declared.isascii() and declared.isdigit()
+    if valid and int(declared) > limits.max_body_bytes:
         raise _body_too_large(int(declared), limits)
+
+
+async def read_body(raw, limits: RequestLimits) -> bytes:
+    """The body of a Starlette request, refused (413) as soon as it passes the cap, declared
+    or not (a chunked upload is never read whole)."""
+    check_body_size(raw.headers, limits)
+    chunks, size = [], 0
+    async for chunk in raw.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise _body_too_large(size, limits)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompletionRequest:
@@ -41,14 +55,20 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
     if len(body) > limits.max_body_bytes:
         raise _body_too_large(len(body), limits)
     try:
-        data = json.loads(body, parse_constant=_no_constant)
+        # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and let encoded
+        # surrogates through.
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise RequestError("request body JSON is nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, int digits limit
-        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        detail = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else exc
+        raise RequestError(
+            f"request body is not valid JSON: {detail}", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(body):  # rare: only then walk the strings
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then walk the strings
         where = _lone_surrogate_at(data)
         if where is not None:
             raise RequestError(

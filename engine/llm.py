@@ -201,9 +201,10 @@ _WORD_JOINER = "\u2060"
 
 
 def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern of the tokenizer's special tokens (``<|im_start|>``, ``<|image_pad|>``, ...)."""
+    """A pattern of the tokenizer's added and special tokens (``<|im_start|>``,
+    ``<|image_pad|>``, ``<tool_call>``, ...): each is matched whole wherever it appears."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    tokens = {t.content for t in added.values() if getattr(t, "special", False)}
+    tokens = {t.content for t in added.values()}
     tokens |= set(getattr(tokenizer, "all_special_tokens", None) or ())
     tokens = {t for t in tokens if len(t) > 1}
     if not tokens:

@@ -13,6 +13,7 @@ forwarded as JSON, strict (``allow_fallback: false``, so it never cascades) and 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
 from engine.llm import GenerationDelta, ModelEngine, PreparedRequest
 from engine.protocol import ChatCompletionRequest
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment
@@ -118,8 +121,9 @@ class HttpModel:
         try:
             response = await self._client.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
-            raise EngineError(f"fallback {self.name} at {self.url} unreachable: {exc}",
-                              status_code=503, code="fallback_unreachable") from None  # fmt: skip
+            logger.warning("fallback %s at %s unreachable: %r", self.name, self.url, exc)
+            raise EngineError(f"fallback {self.name} is unreachable", status_code=503,
+                              code="fallback_unreachable") from None  # fmt: skip
         if response.status_code != 200:
             payload = await response.aread()
             await response.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import uuid
 import zlib
 from pathlib import Path
 
@@ -23,8 +24,10 @@ class LiveServer(ServerProcess):
     """
 
     def __init__(self, config_path: Path, port: int, log_path: Path, timeout_s: float = 900):
+        self.instance = uuid.uuid4().hex  # every process of this server carries it
         super().__init__(["nice", "-n", "5", *engine_command(config_path)],
-                         f"http://127.0.0.1:{port}", log_path, timeout_s=timeout_s)  # fmt: skip
+                         f"http://127.0.0.1:{port}", log_path, timeout_s=timeout_s,
+                         env={"QWEN3VL_INSTANCE": self.instance})  # fmt: skip
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:

@@ -149,3 +149,36 @@ def test_a_stream_that_fails_unexpectedly_still_ends_with_an_error_event_and_don
     assert events[-1] == "data: [DONE]\n\n" and released == [True]
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "internal" and "secret" not in events[-2]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "x\xed\xa0\x80"}]}',
+        '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"),
+    ],  # fmt: skip
+    ids=["encoded-surrogate", "utf-16"],
+)
+def test_bodies_that_are_not_strict_utf8_are_a_400(body):
+    error = _refused(body)
+    assert error.code == "invalid_json" and "UTF-8" in error.message
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_cap_not_read_whole():
+    import asyncio
+
+    from engine.intake import read_body
+
+    read = []
+
+    class Chunked:
+        headers: dict[str, str] = {}
+
+        async def stream(self):
+            for _ in range(100):
+                read.append(1)
+                yield b"x" * 400
+
+    with pytest.raises(RequestError) as info:
+        asyncio.run(read_body(Chunked(), RequestLimits(max_body_bytes=1000)))
+    assert info.value.status_code == 413 and len(read) == 3

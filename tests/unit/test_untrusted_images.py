@@ -92,9 +92,38 @@ def test_a_name_resolving_to_loopback_is_refused_unless_the_profile_allows_it():
     assert asyncio.run(fetch.resolve(target, allowed, param="p")) == target
 
 
-@pytest.mark.parametrize("address", ["10.0.0.7", "169.254.169.254", "::ffff:127.0.0.1", "fd00::1"])
-def test_private_link_local_and_mapped_addresses_are_not_public(address):
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.7",
+        "169.254.169.254",
+        "::ffff:127.0.0.1",
+        "fd00::1",
+        "64:ff9b::a00:1",
+        "2002:a00:1::",
+        "::10.0.0.1",
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+        "0.0.0.0",
+    ],  # fmt: skip
+    ids=[
+        "private",
+        "metadata",
+        "mapped",
+        "ula",
+        "nat64",
+        "6to4",
+        "ipv4-compatible",
+        "teredo",
+        "unspecified",
+    ],  # fmt: skip
+)
+def test_private_addresses_are_not_public_however_spelled(address):
     assert not fetch._public(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "64:ff9b::808:808"])
+def test_public_addresses_are(address):
+    assert fetch._public(address)
 
 
 def test_the_fetch_connects_to_the_checked_address_under_the_urls_name(monkeypatch):
