@@ -71,7 +71,7 @@ async def _one(http, body: dict) -> dict:
             "e2e_ms": (time.perf_counter() - started) * 1000}  # fmt: skip
 
 
-def _session(base: str):
+def session(base: str):
     import aiohttp
 
     # aiohttp, as vLLM's benchmark client uses: httpx costs too much CPU at this concurrency.
@@ -84,7 +84,7 @@ def _session(base: str):
 async def closed_loop(base: str, bodies: list[dict], concurrency: int) -> float:
     """Requests per second at fixed concurrency."""
     queue = list(bodies)
-    async with _session(base) as http:
+    async with session(base) as http:
 
         async def worker():
             while queue:
@@ -99,14 +99,8 @@ async def open_loop(
     base: str, bodies: list[dict], rate: float, duration_s: float, seed: int
 ) -> list[dict]:
     """Poisson arrivals at ``rate`` req/s for ``duration_s``; waits for every request."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t > duration_s:
-            break
-        arrivals.append(t)
-    async with _session(base) as http:
+    arrivals = poisson_arrivals(rate, duration_s, seed)
+    async with session(base) as http:
         started = time.perf_counter()
         tasks = []
         for i, at in enumerate(arrivals):
@@ -117,7 +111,16 @@ async def open_loop(
         return list(await asyncio.gather(*tasks))
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
+    """Send times (s from the start) of a Poisson process at ``rate`` per second."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while (t := t + rng.expovariate(rate)) < duration_s:
+        arrivals.append(t)
+    return arrivals
+
+
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
@@ -131,15 +134,15 @@ def summarise(results: list[dict], fallback_name: str) -> dict:
     for name in sorted({r["served"] for r in ok}):
         model_ttfts = [r["ttft_ms"] for r in ok if r["served"] == name and r["ttft_ms"] is not None]
         by_model[name] = {"completed": len(model_ttfts),
-                          "p50_ttft_ms": _percentile(model_ttfts, 50),
-                          "p99_ttft_ms": _percentile(model_ttfts, 99)}  # fmt: skip
+                          "p50_ttft_ms": percentile(model_ttfts, 50),
+                          "p99_ttft_ms": percentile(model_ttfts, 99)}  # fmt: skip
     return {
         "sent": len(results),
         "completed": len(ok),
         "rejected_429": sum(r["status"] == 429 for r in results),
         "errors_5xx": sum(r["status"] >= 500 for r in results),
-        "p50_ttft_ms": _percentile(ttfts, 50),
-        "p99_ttft_ms": _percentile(ttfts, 99),
+        "p50_ttft_ms": percentile(ttfts, 50),
+        "p99_ttft_ms": percentile(ttfts, 99),
         "served_by_fallback_share": (sum(r["served"] == fallback_name for r in ok) / len(ok))
         if ok
         else 0.0,

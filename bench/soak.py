@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.burst import _percentile, _session
+from bench.burst import percentile, poisson_arrivals, session
 from bench.launch import ServerProcess, engine_command, free_port
 from bench.workload import build_requests
 from engine.config import CONFIG_DIR, load_config
@@ -147,7 +147,7 @@ async def closed_loop(base: str, traffic: Traffic, concurrency: int, count: int)
     """Completed (200) requests per second of the mix at fixed concurrency."""
     jobs = [traffic.next() for _ in range(count)]
     completed = 0
-    async with _session(base) as http:
+    async with session(base) as http:
 
         async def worker() -> None:
             nonlocal completed
@@ -191,13 +191,10 @@ def server_processes(instance: str) -> dict[str, int]:
 async def open_loop(base: str, traffic: Traffic, rate: float, duration_s: float,
                     processes: dict[str, int], seed: int) -> tuple[list[Result], dict]:  # fmt: skip
     """Poisson arrivals for ``duration_s``; memory and /health sampled every 5 s."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    while (t := t + rng.expovariate(rate)) < duration_s:
-        arrivals.append(t)
+    arrivals = poisson_arrivals(rate, duration_s, seed)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
     health: list[int] = []
-    async with _session(base) as http:
+    async with session(base) as http:
         started = time.perf_counter()
         done = asyncio.Event()
 
@@ -245,7 +242,7 @@ def judge(results: list[Result], observed: dict, warmup_s: float, slo_s: float |
     statuses: dict[str, int] = {}
     for r in results:
         statuses[f"{r.kind} {r.status}"] = statuses.get(f"{r.kind} {r.status}", 0) + 1
-    p99 = _percentile(admitted, 99)
+    p99 = percentile(admitted, 99)
     series = observed["rss_mib"]
     baseline_rss = {name: ([rss for t, rss in values if t <= warmup_s] or [0.0])[-1]
                     for name, values in series.items()}  # fmt: skip
@@ -266,7 +263,7 @@ def judge(results: list[Result], observed: dict, warmup_s: float, slo_s: float |
     return {
         "sent": len(results), "statuses": dict(sorted(statuses.items())), "failures": failures,
         "admitted": len(admitted), "rejected_429": sum(r.status == 429 for r in results),
-        "p50_ttft_s": _percentile(admitted, 50), "p99_ttft_s": p99,
+        "p50_ttft_s": percentile(admitted, 50), "p99_ttft_s": p99,
         "rss_after_warmup_mib": baseline_rss, "rss_peak_mib": peak, "rss_growth": growth,
         "rss_series_mib": series,
         "health_checks": len(observed["health"]), "checks": checks, "passed": all(checks.values()),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "cpu-tiny.yaml"
@@ -62,6 +62,12 @@ class ImageLimits(_Strict):
         default_factory=list,
         description="Hosts whose image URLs may be fetched; empty = data: URLs only.",
     )
+
+    @field_validator("allowed_url_hosts")
+    @classmethod
+    def _lower_case_hosts(cls, hosts: list[str]) -> list[str]:
+        return [h.lower() for h in hosts]  # compared with a URL's (lower-case) host name
+
     allowed_url_schemes: list[Literal["http", "https"]] = Field(
         default_factory=lambda: ["https"], description="Schemes of fetched image URLs."
     )

@@ -64,7 +64,7 @@ def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> Target:
         raise _bad_url("image_url must be a data: URL or an http(s) URL", param)
     if parts.username is not None or parts.password is not None:
         raise _bad_url("image URL must not carry credentials", param)
-    if host not in {h.lower() for h in limits.allowed_url_hosts}:
+    if host not in limits.allowed_url_hosts:
         raise _not_allowed(f"image host {host!r} is not allow-listed; send the image as a data: "
                            "URL", param)  # fmt: skip
     if parts.scheme not in limits.allowed_url_schemes:
