@@ -51,9 +51,9 @@ def _photo(i: int) -> Image.Image:
     return photo
 
 
-def _full(stream: dict) -> bool:
-    """At least 95% of the stream's tokens arrived as events of their own."""
-    return len(stream["events"]) >= 0.95 * stream["tokens"]
+def _events_per_token(streams: list[dict]) -> float:
+    """The share of all tokens that arrived as events of their own."""
+    return sum(len(s["events"]) for s in streams) / sum(s["tokens"] for s in streams)
 
 
 async def _concurrent_streams(base_url: str, concurrency: int, rounds: int) -> list[dict]:
@@ -66,11 +66,16 @@ async def _concurrent_streams(base_url: str, concurrency: int, rounds: int) -> l
 
 @pytest.mark.parametrize("concurrency, rounds", [(1, 8), (8, 2)])
 def test_every_token_arrives_as_its_own_event(server, concurrency, rounds):
+    """A stream loop that falls behind merges whole streams (issue 11 measured a median ITL
+    of 0.01 ms: a handful of events per 64 tokens). A pause of the whole machine for a few
+    decode steps (CI once saw 4 concurrent streams lose 5 events each: 1000 of 1024 tokens
+    as events) is not that, so the line is on the share over all streams, with a floor
+    per stream far above what merged streams reach."""
     streams = asyncio.run(_concurrent_streams(server.base_url, concurrency, rounds))
     assert all(s["tokens"] == TOKENS for s in streams)
-    full = [s for s in streams if _full(s)]
     counts = sorted(len(s["events"]) for s in streams)
-    assert len(full) >= 0.95 * len(streams), f"content events per {TOKENS}-token stream: {counts}"
+    assert _events_per_token(streams) >= 0.95, f"content events per {TOKENS}-token stream: {counts}"
+    assert counts[0] >= 0.75 * TOKENS, f"content events per {TOKENS}-token stream: {counts}"
     # At concurrency 8 half of the streams overflow to the fallback (its Ray handle path).
     if concurrency == 8:
         assert len({s["served"] for s in streams}) == 2
