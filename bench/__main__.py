@@ -21,12 +21,20 @@ def _run(args: argparse.Namespace) -> None:
     from bench.runner import RunSettings, run_benchmark
 
     settings = RunSettings(
-        url=args.url, model=args.model, profile=args.profile, workload=args.workload,
-        num_requests=args.num_requests, output_tokens=args.output_tokens,
-        ignore_eos=not args.no_ignore_eos, slo=parse_slo(args.slo), warmup=args.warmup,
-        seed=args.seed, label=args.label, progress=not args.no_progress,
+        url=args.url,
+        model=args.model,
+        profile=args.profile,
+        workload=args.workload,
+        num_requests=args.num_requests,
+        output_tokens=args.output_tokens,
+        ignore_eos=not args.no_ignore_eos,
+        slo=parse_slo(args.slo),
+        warmup=args.warmup,
+        seed=args.seed,
+        label=args.label,
+        progress=not args.no_progress,
         headers=dict(h.split(":", 1) for h in args.header),
-    )  # fmt: skip
+    )
     run = run_benchmark(settings, args.out)
     print((args.out / "report.md").read_text())
     failed = sum(stage["failed"] for stage in run.stages)
@@ -59,10 +67,16 @@ def main() -> None:
     run = commands.add_parser("run", help="one benchmark run against an OpenAI-compatible server")
     run.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     run.add_argument("--model", required=True)
-    run.add_argument("--profile", required=True,
-                     help=f"NAME:ARGS, NAME one of {sorted(PROFILES)} (see bench/profiles.py)")  # fmt: skip
-    run.add_argument("--workload", default="product",
-                     help="product | phone | screenshot | mixed | text [:size=WxH,format=..,images=N] | jsonl:FILE")  # fmt: skip
+    run.add_argument(
+        "--profile",
+        required=True,
+        help=f"NAME:ARGS, NAME one of {sorted(PROFILES)} (see bench/profiles.py)",
+    )
+    run.add_argument(
+        "--workload",
+        default="product",
+        help="product | phone | screenshot | mixed | text [:size=WxH,format=..,images=N] | jsonl:FILE",
+    )
     run.add_argument("--num-requests", type=int, default=64, help="per stage")
     run.add_argument("--output-tokens", default="64", help="N, or LOW-HIGH (uniform)")
     run.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
@@ -90,8 +104,9 @@ def main() -> None:
     add_arguments(sim)
     sim.set_defaults(func=_autoscale)
 
-    commands.add_parser("soak", add_help=False,
-                        help="bounded overload soak: 2x capacity with hostile traffic")  # fmt: skip
+    commands.add_parser(
+        "soak", add_help=False, help="bounded overload soak: 2x capacity with hostile traffic"
+    )
 
     if sys.argv[1:2] == ["soak"]:  # its own parser (bench/soak.py)
         from bench.soak import main as soak

@@ -55,14 +55,18 @@ class HpaSpec:
     @classmethod
     def from_manifest(cls, hpa: dict) -> HpaSpec:
         spec = hpa["spec"]
-        target = next(m["pods"]["target"]["averageValue"] for m in spec["metrics"]
-                      if m["pods"]["metric"]["name"] == "qwen3vl_pod_in_flight_requests")  # fmt: skip
+        target = next(
+            m["pods"]["target"]["averageValue"]
+            for m in spec["metrics"]
+            if m["pods"]["metric"]["name"] == "qwen3vl_pod_in_flight_requests"
+        )
         behavior = spec.get("behavior", {})
 
         def rules(direction: str, default_window: int):
             rule = behavior.get(direction, {})
-            policies = tuple(Policy(p["type"], p["value"], p["periodSeconds"])
-                             for p in rule.get("policies", []))  # fmt: skip
+            policies = tuple(
+                Policy(p["type"], p["value"], p["periodSeconds"]) for p in rule.get("policies", [])
+            )
             return (
                 rule.get("stabilizationWindowSeconds", default_window),
                 policies,
@@ -71,9 +75,17 @@ class HpaSpec:
 
         up_window, up_policies, up_select = rules("scaleUp", 0)
         down_window, down_policies, down_select = rules("scaleDown", 300)
-        return cls(spec.get("minReplicas", 1), spec["maxReplicas"], float(target), up_window,
-                   down_window, up_policies or cls.up_policies, down_policies or cls.down_policies,
-                   up_select, down_select)  # fmt: skip
+        return cls(
+            spec.get("minReplicas", 1),
+            spec["maxReplicas"],
+            float(target),
+            up_window,
+            down_window,
+            up_policies or cls.up_policies,
+            down_policies or cls.down_policies,
+            up_select,
+            down_select,
+        )
 
 
 def desired_replicas(current: int, ready: int, metric_total: float, target: float) -> int:
@@ -192,13 +204,26 @@ def capacity_from_run(summary: dict) -> tuple[float, float, float]:
     return best["request_throughput"], best["p50_e2el_ms"] / 1000, best["p99_e2el_ms"] / 1000
 
 
-def simulate(trace, primary: Tier, fallback: Tier, startup_s: float, sync_s: float = 15,
-             dt: float = 1.0, rate_scale: float = 1.0) -> dict:  # fmt: skip
+def simulate(
+    trace,
+    primary: Tier,
+    fallback: Tier,
+    startup_s: float,
+    sync_s: float = 15,
+    dt: float = 1.0,
+    rate_scale: float = 1.0,
+) -> dict:
     """Run the trace; returns per-tick series and totals."""
     end = trace[-1][0]
     series: list[dict] = []
-    totals = {"offered": 0.0, "primary": 0.0, "fallback": 0.0, "rejected": 0.0,
-              "gpu_hours_primary": 0.0, "gpu_hours_fallback": 0.0}  # fmt: skip
+    totals = {
+        "offered": 0.0,
+        "primary": 0.0,
+        "fallback": 0.0,
+        "rejected": 0.0,
+        "gpu_hours_primary": 0.0,
+        "gpu_hours_fallback": 0.0,
+    }
     for tier in (primary, fallback):
         tier.ready = [0.0] * tier.hpa.spec.min_replicas
     t = 0.0
@@ -240,15 +265,23 @@ def simulate(trace, primary: Tier, fallback: Tier, startup_s: float, sync_s: flo
         p99 = max(
             primary.p99_s + waits[0], fallback.p99_s + waits[1] if fallback.served_rate else 0.0
         )
-        series.append({
-            "t_s": t, "offered_rps": arrivals / dt,
-            "primary_ready": primary.ready_pods(t), "primary_pods": len(primary.ready),
-            "fallback_ready": fallback.ready_pods(t), "fallback_pods": len(fallback.ready),
-            "primary_queue": primary.queue, "fallback_queue": fallback.queue,
-            "primary_rps": primary.served_rate, "fallback_rps": fallback.served_rate,
-            "rejected_rps": overflow / dt, "est_p99_latency_s": p99,
-            "gpu_hours": totals["gpu_hours_primary"] + totals["gpu_hours_fallback"],
-        })  # fmt: skip
+        series.append(
+            {
+                "t_s": t,
+                "offered_rps": arrivals / dt,
+                "primary_ready": primary.ready_pods(t),
+                "primary_pods": len(primary.ready),
+                "fallback_ready": fallback.ready_pods(t),
+                "fallback_pods": len(fallback.ready),
+                "primary_queue": primary.queue,
+                "fallback_queue": fallback.queue,
+                "primary_rps": primary.served_rate,
+                "fallback_rps": fallback.served_rate,
+                "rejected_rps": overflow / dt,
+                "est_p99_latency_s": p99,
+                "gpu_hours": totals["gpu_hours_primary"] + totals["gpu_hours_fallback"],
+            }
+        )
         t += dt
     served = totals["primary"] + totals["fallback"]
     summary = {
@@ -264,8 +297,11 @@ def simulate(trace, primary: Tier, fallback: Tier, startup_s: float, sync_s: flo
 
 def hpa_specs(path: Path) -> dict[str, HpaSpec]:
     """The tiers' HPAs from a manifest file or a ``kubectl kustomize`` build of an overlay."""
-    docs = [d for d in yaml.safe_load_all(path.read_text())
-            if d and d.get("kind") == "HorizontalPodAutoscaler"]  # fmt: skip
+    docs = [
+        d
+        for d in yaml.safe_load_all(path.read_text())
+        if d and d.get("kind") == "HorizontalPodAutoscaler"
+    ]
     return {d["metadata"]["name"].removeprefix("qwen3vl-"): HpaSpec.from_manifest(d) for d in docs}
 
 
@@ -310,16 +346,34 @@ def run(args) -> dict:
     primary = Tier(
         "primary", Autoscaler(specs["primary"]), capacity, p50_s, p99_s, args.queue_per_pod
     )
-    fallback = Tier("fallback", Autoscaler(specs["fallback"]), capacity * args.fallback_speedup,
-                    p50_s / args.fallback_speedup, p99_s / args.fallback_speedup,
-                    args.queue_per_pod)  # fmt: skip
-    result = simulate(load_trace(args.trace), primary, fallback, args.startup_s, args.sync_s,
-                      rate_scale=args.rate_scale)  # fmt: skip
-    result["settings"] = {"trace": str(args.trace), "capacity_rps_per_pod": capacity,
-                          "p50_s": p50_s, "p99_s": p99_s, "startup_s": args.startup_s,
-                          "fallback_speedup": args.fallback_speedup, "hpa": str(args.hpa),
-                          "queue_per_pod": args.queue_per_pod, "sync_s": args.sync_s,
-                          "rate_scale": args.rate_scale}  # fmt: skip
+    fallback = Tier(
+        "fallback",
+        Autoscaler(specs["fallback"]),
+        capacity * args.fallback_speedup,
+        p50_s / args.fallback_speedup,
+        p99_s / args.fallback_speedup,
+        args.queue_per_pod,
+    )
+    result = simulate(
+        load_trace(args.trace),
+        primary,
+        fallback,
+        args.startup_s,
+        args.sync_s,
+        rate_scale=args.rate_scale,
+    )
+    result["settings"] = {
+        "trace": str(args.trace),
+        "capacity_rps_per_pod": capacity,
+        "p50_s": p50_s,
+        "p99_s": p99_s,
+        "startup_s": args.startup_s,
+        "fallback_speedup": args.fallback_speedup,
+        "hpa": str(args.hpa),
+        "queue_per_pod": args.queue_per_pod,
+        "sync_s": args.sync_s,
+        "rate_scale": args.rate_scale,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "autoscale.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out)
@@ -338,8 +392,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--p99-s", type=float, default=6.0, help="p99 latency, without --capacity")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's rates")
-    parser.add_argument("--fallback-speedup", type=float, default=2.5,
-                        help="fallback pod capacity / primary pod capacity (2B vs 8B)")  # fmt: skip
+    parser.add_argument(
+        "--fallback-speedup",
+        type=float,
+        default=2.5,
+        help="fallback pod capacity / primary pod capacity (2B vs 8B)",
+    )
     parser.add_argument("--startup-s", type=float, default=300, help="pod start to ready")
     parser.add_argument("--queue-per-pod", type=float, default=256, help="max_queued_requests")
     parser.add_argument("--sync-s", type=float, default=15, help="HPA sync period")

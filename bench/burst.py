@@ -48,12 +48,23 @@ def _images(n: int, size: int = 336) -> list[str]:
 
 def _body(model: str, image_url: str, output_tokens: int) -> dict:
     return {
-        "model": model, "max_tokens": output_tokens, "ignore_eos": True, "stream": True,
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Tag this product: category, colour, material, style."},
-            {"type": "image_url", "image_url": {"url": image_url}},
-        ]}],
-    }  # fmt: skip
+        "model": model,
+        "max_tokens": output_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "text",
+                        "text": "Tag this product: category, colour, material, style.",
+                    },
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                ],
+            }
+        ],
+    }
 
 
 async def _one(http, body: dict) -> dict:
@@ -67,8 +78,12 @@ async def _one(http, body: dict) -> dict:
         async for line in response.content:
             if ttft is None and line.startswith(b"data: ") and b'"content"' in line:
                 ttft = (time.perf_counter() - started) * 1000
-    return {"status": 200, "served": served, "ttft_ms": ttft,
-            "e2e_ms": (time.perf_counter() - started) * 1000}  # fmt: skip
+    return {
+        "status": 200,
+        "served": served,
+        "ttft_ms": ttft,
+        "e2e_ms": (time.perf_counter() - started) * 1000,
+    }
 
 
 def session(base: str):
@@ -76,9 +91,10 @@ def session(base: str):
 
     # aiohttp, as vLLM's benchmark client uses: httpx costs too much CPU at this concurrency.
     return aiohttp.ClientSession(
-        base_url=base, timeout=aiohttp.ClientTimeout(total=600),
+        base_url=base,
+        timeout=aiohttp.ClientTimeout(total=600),
         connector=aiohttp.TCPConnector(limit=0, force_close=False),
-    )  # fmt: skip
+    )
 
 
 async def closed_loop(base: str, bodies: list[dict], concurrency: int) -> float:
@@ -133,9 +149,11 @@ def summarise(results: list[dict], fallback_name: str) -> dict:
     by_model = {}
     for name in sorted({r["served"] for r in ok}):
         model_ttfts = [r["ttft_ms"] for r in ok if r["served"] == name and r["ttft_ms"] is not None]
-        by_model[name] = {"completed": len(model_ttfts),
-                          "p50_ttft_ms": percentile(model_ttfts, 50),
-                          "p99_ttft_ms": percentile(model_ttfts, 99)}  # fmt: skip
+        by_model[name] = {
+            "completed": len(model_ttfts),
+            "p50_ttft_ms": percentile(model_ttfts, 50),
+            "p99_ttft_ms": percentile(model_ttfts, 99),
+        }
     return {
         "sent": len(results),
         "completed": len(ok),
@@ -156,8 +174,11 @@ class Server(ServerProcess):
     def __init__(self, profile: dict, tmp: Path, name: str) -> None:
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(profile))
-        super().__init__(engine_command(path), f"http://127.0.0.1:{profile['server']['port']}",
-                         tmp / f"{name}.log")  # fmt: skip
+        super().__init__(
+            engine_command(path),
+            f"http://127.0.0.1:{profile['server']['port']}",
+            tmp / f"{name}.log",
+        )
         self.base = self.base_url
 
     def stop(self, timeout_s: float = 120) -> int | None:

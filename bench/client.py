@@ -127,8 +127,9 @@ class StreamingClient:
 
         async def one(i: int, scheduled: float | None) -> None:
             spec = specs[(first_index + i) % len(specs)]
-            record = RequestRecord(first_index + i, stage.label, spec.kind,
-                                   time.perf_counter() - started, scheduled)  # fmt: skip
+            record = RequestRecord(
+                first_index + i, stage.label, spec.kind, time.perf_counter() - started, scheduled
+            )
             records.append(await self.send(spec, record))
             record.done_offset_s = time.perf_counter() - started
             bar.update(1)

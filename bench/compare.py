@@ -22,8 +22,12 @@ from bench.launch import ServerProcess, engine_command, free_port
 from bench.report import HEADER, Run, plot_runs, read_run, separator, stage_row
 from bench.runner import RunSettings, run_benchmark
 
-RATIOS = (("request_throughput", "req/s"), ("output_throughput", "out tok/s"),
-          ("p50_ttft_ms", "p50 TTFT"), ("p50_tpot_ms", "p50 TPOT"))  # fmt: skip
+RATIOS = (
+    ("request_throughput", "req/s"),
+    ("output_throughput", "out tok/s"),
+    ("p50_ttft_ms", "p50 TTFT"),
+    ("p50_tpot_ms", "p50 TPOT"),
+)
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -37,8 +41,12 @@ def compare_markdown(runs: list[Run], baseline: str) -> str:
     ratio_header = (
         "| variant | stage | " + " | ".join(f"{name} vs {baseline}" for _, name in RATIOS) + " |"
     )
-    lines = [f"# {' vs '.join(r.label for r in runs)}", "", HEADER.replace("| stage |", "| variant: stage |"),
-             separator(HEADER)]  # fmt: skip
+    lines = [
+        f"# {' vs '.join(r.label for r in runs)}",
+        "",
+        HEADER.replace("| stage |", "| variant: stage |"),
+        separator(HEADER),
+    ]
     for run in runs:
         lines += [stage_row(stage, prefix=f"{run.label}: ") for stage in run.stages]
     lines += ["", ratio_header, separator(ratio_header)]
@@ -79,8 +87,9 @@ def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
     def play(base_url: str, model: str, name: str, extra: dict) -> None:
         for i, plan in enumerate(plans):
             run_dir = out / name if len(plans) == 1 else out / str(i) / name
-            settings = RunSettings(url=base_url, model=model, label=name, progress=progress,
-                                   extra_meta=extra, **plan)  # fmt: skip
+            settings = RunSettings(
+                url=base_url, model=model, label=name, progress=progress, extra_meta=extra, **plan
+            )
             runs[i].append(run_benchmark(settings, run_dir))
 
     for variant in spec["variants"]:
@@ -94,8 +103,11 @@ def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
         model = variant.get("model") or load_config(config_path).primary.name
         port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
-            server = ServerProcess(engine_command(config_path, port), f"http://127.0.0.1:{port}",
-                                   Path(tmp) / "server.log")  # fmt: skip
+            server = ServerProcess(
+                engine_command(config_path, port),
+                f"http://127.0.0.1:{port}",
+                Path(tmp) / "server.log",
+            )
             try:
                 extra = {"server_ready_s": round(server.ready_s, 1), "config": str(config_path)}
                 play(server.base_url, model, name, extra)

@@ -85,10 +85,19 @@ def servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[st
     config = load_config(profile_path)
     model = config.primary
     vllm_cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model.resolved_model_path(), "--served-model-name", model.name,
-        "--host", "127.0.0.1", "--port", str(port), *vllm_cli_args(model.engine_kwargs),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model.resolved_model_path(),
+        "--served-model-name",
+        model.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *vllm_cli_args(model.engine_kwargs),
+    ]
     found = {"vllm": (vllm_cmd, dict(model.env))}
     for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
         profile = yaml.safe_load(profile_path.read_text())
@@ -138,10 +147,16 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
     width, height = workload.image_size
     bucket = ["--random-mm-bucket-config", repr({(height, width, 1): 1.0})]
     result = run_vllm_bench(
-        base_url, model, tokenizer, num_prompts=workload.num_prompts,
-        concurrency=workload.concurrency, input_len=workload.input_len,
-        output_len=workload.output_len, seed=0, extra_args=["--save-detailed", *bucket],
-    )  # fmt: skip
+        base_url,
+        model,
+        tokenizer,
+        num_prompts=workload.num_prompts,
+        concurrency=workload.concurrency,
+        input_len=workload.input_len,
+        output_len=workload.output_len,
+        seed=0,
+        extra_args=["--save-detailed", *bucket],
+    )
     engine_side = _mean_ms(before, engine_histograms(base_url))
     # failed requests have no TTFT (0) and no gaps
     events = [
@@ -157,7 +172,7 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
             f"{stat}_{metric}_ms": result[f"{stat}_{metric}_ms"]
             for metric in ("ttft", "itl", "tpot")
             for stat in ("median", "p99")
-        },  # fmt: skip
+        },
         "mean_ttft_ms": result["mean_ttft_ms"],
         **engine_side,
         "events_per_stream_median": statistics.median(events) if events else 0,
@@ -168,8 +183,16 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
     }
 
 
-def run_server(name: str, command: list[str], env: dict, port: int, profile_path: Path,
-               workloads: list[Workload], warmup: int, log_dir: Path) -> list[dict]:  # fmt: skip
+def run_server(
+    name: str,
+    command: list[str],
+    env: dict,
+    port: int,
+    profile_path: Path,
+    workloads: list[Workload],
+    warmup: int,
+    log_dir: Path,
+) -> list[dict]:
     config = load_config(profile_path)
     model, tokenizer = config.primary.name, config.primary.resolved_model_path()
     log = log_dir / f"{name}-{time.time_ns()}.log"
@@ -180,8 +203,13 @@ def run_server(name: str, command: list[str], env: dict, port: int, profile_path
             warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
             measure(server.base_url, model, tokenizer, warm)
         for workload in workloads:
-            rows.append({"server": name, "ready_s": round(server.ready_s, 1),
-                         **measure(server.base_url, model, tokenizer, workload)})  # fmt: skip
+            rows.append(
+                {
+                    "server": name,
+                    "ready_s": round(server.ready_s, 1),
+                    **measure(server.base_url, model, tokenizer, workload),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     time.sleep(3)  # let the port and the cores settle before the next server
     return rows
@@ -228,8 +256,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
         pairs = [(r, base[r["round"]]) for r in rows if r["server"] == name and r["round"] in base]
         if not pairs:
             continue
-        ratio = {key: _mean_ratio(pairs, key) for key in
-                 ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms")}  # fmt: skip
+        ratio = {
+            key: _mean_ratio(pairs, key)
+            for key in ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms")
+        }
         out.append(
             f"- {name} / vLLM, mean of {len(pairs)} rounds: req/s {ratio['request_throughput']:.2f}x, "
             f"TTFT p50 {ratio['median_ttft_ms']:.2f}x, p99 {ratio['p99_ttft_ms']:.2f}x, "
@@ -249,8 +279,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=16, help="warm-up requests per workload")
-    parser.add_argument("--servers", nargs="+", default=["vllm", "ours"],
-                        help="vllm, ours, ours-haproxy, ours-proxy")  # fmt: skip
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["vllm", "ours"],
+        help="vllm, ours, ours-haproxy, ours-proxy",
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -263,8 +297,9 @@ def main() -> None:
             order = names if round_no % 2 else list(reversed(names))
             for name in order:
                 command, env = found[name]
-                for row in run_server(name, command, env, args.port, args.config, workloads,
-                                      args.warmup, args.out):  # fmt: skip
+                for row in run_server(
+                    name, command, env, args.port, args.config, workloads, args.warmup, args.out
+                ):
                     rows.append({"round": round_no, **row})
     meta = {
         "machine": f"{platform.node()} {platform.machine()}",

@@ -45,9 +45,20 @@ def _target(name: str, port: int) -> tuple[list[str], dict, str, str]:
     if name == "engine":
         return engine_command(DEFAULT_PROFILE, port), {}, model.name, tokenizer
     if name == "vllm":  # vLLM's own OpenAI server, same engine settings
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tokenizer,
-                   "--served-model-name", model.name, "--host", "127.0.0.1", "--port", str(port),
-                   *vllm_cli_args(model.engine_kwargs)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tokenizer,
+            "--served-model-name",
+            model.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *vllm_cli_args(model.engine_kwargs),
+        ]
         return command, dict(model.env), model.name, tokenizer
     command = [sys.executable, "-m", "bench.fake_server", "--port", str(port)]
     return command, {}, "fake-model", tokenizer
@@ -74,14 +85,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         command, env, model, tokenizer = _target(args.target, port)
-        bench_kwargs = dict(num_prompts=num_prompts, concurrency=concurrency, output_len=output_len,
-                            input_len=64, image_size=None if fake else 336)  # fmt: skip
+        bench_kwargs = dict(
+            num_prompts=num_prompts,
+            concurrency=concurrency,
+            output_len=output_len,
+            input_len=64,
+            image_size=None if fake else 336,
+        )
         requests = tmp / "requests.jsonl"
         write_vllm_samples(
             vllm_bench_args(base, model, tokenizer, seed=0, **bench_kwargs), requests
         )
         with ServerProcess(command, base, tmp / "server.log", env=env):
-            run_vllm_bench(base, model, tokenizer, **{**bench_kwargs, "num_prompts": args.warmup}, seed=1)  # fmt: skip
+            run_vllm_bench(
+                base, model, tokenizer, **{**bench_kwargs, "num_prompts": args.warmup}, seed=1
+            )
             for round_no in range(1, args.rounds + 1):
                 order = ("vllm", "harness") if round_no % 2 else ("harness", "vllm")
                 for client in order:
@@ -89,9 +107,16 @@ def main() -> None:
                         result = run_vllm_bench(base, model, tokenizer, seed=0, **bench_kwargs)
                         values = {k: result[v] for k, (_, v) in METRICS.items()}
                     else:
-                        settings = RunSettings(url=base, model=model, profile=f"concurrency:{concurrency}",
-                                               workload=f"jsonl:{requests}", num_requests=num_prompts,
-                                               warmup=0, progress=False, label=f"harness-{round_no}")  # fmt: skip
+                        settings = RunSettings(
+                            url=base,
+                            model=model,
+                            profile=f"concurrency:{concurrency}",
+                            workload=f"jsonl:{requests}",
+                            num_requests=num_prompts,
+                            warmup=0,
+                            progress=False,
+                            label=f"harness-{round_no}",
+                        )
                         stage = run_benchmark(settings, tmp / f"harness-{round_no}").stages[0]
                         values = {k: stage[h] for k, (h, _) in METRICS.items()}
                     rows.append({"round": round_no, "client": client, **values})
@@ -102,24 +127,45 @@ def main() -> None:
     for key in METRICS:
         pairs = []
         for round_no in range(1, args.rounds + 1):
-            ours, theirs = (next(r[key] for r in rows if r["round"] == round_no and r["client"] == c)
-                            for c in ("harness", "vllm"))  # fmt: skip
+            ours, theirs = (
+                next(r[key] for r in rows if r["round"] == round_no and r["client"] == c)
+                for c in ("harness", "vllm")
+            )
             pairs.append(ours / theirs if theirs else None)
         ratios[key] = None if None in pairs else statistics.median(pairs)
     passed = all(r is not None and abs(r - 1) <= TOLERANCE for r in ratios.values())
-    meta = {"target": args.target, "machine": machine(), "num_prompts": num_prompts,
-            "concurrency": concurrency, "output_len": output_len, "input_len": 64,
-            "image": None if fake else "336x336 random (vLLM random-mm)", "rounds": args.rounds, "warmup": args.warmup}  # fmt: skip
-    report = {"meta": meta, "rows": rows, "ratio_harness_over_vllm": ratios,
-              "within_10_percent": passed}  # fmt: skip
+    meta = {
+        "target": args.target,
+        "machine": machine(),
+        "num_prompts": num_prompts,
+        "concurrency": concurrency,
+        "output_len": output_len,
+        "input_len": 64,
+        "image": None if fake else "336x336 random (vLLM random-mm)",
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+    }
+    report = {
+        "meta": meta,
+        "rows": rows,
+        "ratio_harness_over_vllm": ratios,
+        "within_10_percent": passed,
+    }
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    lines = ["| round | client | req/s | output tok/s | median TTFT ms | median TPOT ms |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| round | client | req/s | output tok/s | median TTFT ms | median TPOT ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['client']} | {r['request_throughput']:.1f} | "
-                     f"{r['output_throughput']:.0f} | {r['median_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |")  # fmt: skip
-    lines += ["", "harness / vLLM (median of per-round ratios): "
-              + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if v is not None)]  # fmt: skip
+        lines.append(
+            f"| {r['round']} | {r['client']} | {r['request_throughput']:.1f} | "
+            f"{r['output_throughput']:.0f} | {r['median_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "harness / vLLM (median of per-round ratios): "
+        + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if v is not None),
+    ]
     if not fake:
         lines.append(f"every ratio within 10%: {'yes' if passed else 'NO'}")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

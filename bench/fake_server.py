@@ -48,8 +48,10 @@ class FakeChatServer:
                 if method == "POST" and path == "/v1/chat/completions":
                     await self.chat(json.loads(body), writer)
                 elif path in ("/health", "/v1/models"):
-                    data = {"object": "list", "data": [{"id": m, "object": "model"}
-                                                       for m in self.served_models]}  # fmt: skip
+                    data = {
+                        "object": "list",
+                        "data": [{"id": m, "object": "model"} for m in self.served_models],
+                    }
                     self.respond(writer, 200, json.dumps(data).encode())
                 else:
                     self.respond(writer, 404, b'{"error": {"message": "not found"}}')
@@ -73,15 +75,21 @@ class FakeChatServer:
         model = self.served_models[n % len(self.served_models)]
         served = f"x-served-model: {model}\r\n"
         if self.error_every and n % self.error_every == 0:
-            error = {"error": {"message": f"request {n} refused", "type": "rate_limited",
-                               "code": self.error_status}}  # fmt: skip
+            error = {
+                "error": {
+                    "message": f"request {n} refused",
+                    "type": "rate_limited",
+                    "code": self.error_status,
+                }
+            }
             self.respond(writer, self.error_status, json.dumps(error).encode(), served)
             return
         tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            + served.encode() + b"transfer-encoding: chunked\r\n\r\n"
-        )  # fmt: skip
+            + served.encode()
+            + b"transfer-encoding: chunked\r\n\r\n"
+        )
         head = f'{{"id": "chatcmpl-{n}", "object": "chat.completion.chunk", "model": "{model}", '
 
         def event(payload: str) -> bytes:
@@ -98,8 +106,11 @@ class FakeChatServer:
                 await writer.drain()
                 await asyncio.sleep(delay)
             writer.write(event(last if i == tokens - 1 else token))
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
-                 "total_tokens": self.prompt_tokens + tokens}  # fmt: skip
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": tokens,
+            "total_tokens": self.prompt_tokens + tokens,
+        }
         writer.write(event(head + f'"choices": [], "usage": {json.dumps(usage)}}}'))
         writer.write(event("[DONE]") + b"0\r\n\r\n")
 
@@ -120,9 +131,13 @@ def main() -> None:
     parser.add_argument("--error-every", type=int, default=0)
     parser.add_argument("--error-status", type=int, default=429)
     args = parser.parse_args()
-    server = FakeChatServer(args.ttft_ms / 1000, args.itl_ms / 1000,
-                            tuple(args.served_models.split(",")), args.error_every,
-                            args.error_status)  # fmt: skip
+    server = FakeChatServer(
+        args.ttft_ms / 1000,
+        args.itl_ms / 1000,
+        tuple(args.served_models.split(",")),
+        args.error_every,
+        args.error_status,
+    )
     from bench.client import run_async
 
     run_async(serve(server, args.host, args.port))

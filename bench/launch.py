@@ -45,9 +45,13 @@ class ServerProcess:
         # session: Linux's autogroup scheduling shares the CPU equally between sessions, so a
         # new session would ignore a lower priority given to the server.
         self.proc = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             process_group=0,
-        )  # fmt: skip
+        )
         try:
             self._wait_healthy(timeout_s)
         except BaseException:

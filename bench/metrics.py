@@ -65,8 +65,11 @@ def summarize(
     good = 0
     if slo:
         for r in ok:
-            observed = {"ttft_ms": r.ttft_s * 1000, "tpot_ms": tpot_s(r) * 1000,
-                        "e2el_ms": r.latency_s * 1000}  # fmt: skip
+            observed = {
+                "ttft_ms": r.ttft_s * 1000,
+                "tpot_ms": tpot_s(r) * 1000,
+                "e2el_ms": r.latency_s * 1000,
+            }
             good += all(observed[key] <= limit for key, limit in slo.items())
     served = Counter(r.served_model or "unknown" for r in ok)
     return {

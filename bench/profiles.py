@@ -111,8 +111,12 @@ class Poisson(Profile):
         arrivals = gamma_arrivals(
             self.rate, num_requests, self.burstiness, random.Random(self.seed)
         )
-        yield Stage(f"poisson {self.rate:g}/s", num_requests, arrivals_s=tuple(arrivals),
-                    offered_rate=self.rate)  # fmt: skip
+        yield Stage(
+            f"poisson {self.rate:g}/s",
+            num_requests,
+            arrivals_s=tuple(arrivals),
+            offered_rate=self.rate,
+        )
 
 
 @register
@@ -125,8 +129,11 @@ class Ramp(Profile):
         if start_rate < 0 or end_rate <= 0 or duration_s <= 0:
             raise ValueError("ramp needs FROM >= 0, TO > 0 and SECONDS > 0")
         self.start_rate, self.end_rate, self.duration_s, self.seed = (
-            start_rate, end_rate, duration_s, seed,
-        )  # fmt: skip
+            start_rate,
+            end_rate,
+            duration_s,
+            seed,
+        )
 
     @classmethod
     def parse(cls, args: str, seed: int) -> Ramp:
@@ -152,8 +159,12 @@ class Ramp(Profile):
     def stages(self, num_requests: int) -> StageGenerator:
         arrivals = self.arrivals()  # the ramp's length, not num_requests, sets the count
         label = f"ramp {self.start_rate:g}-{self.end_rate:g}/s over {self.duration_s:g}s"
-        yield Stage(label, len(arrivals), arrivals_s=tuple(arrivals),
-                    offered_rate=len(arrivals) / self.duration_s)  # fmt: skip
+        yield Stage(
+            label,
+            len(arrivals),
+            arrivals_s=tuple(arrivals),
+            offered_rate=len(arrivals) / self.duration_s,
+        )
 
 
 @register
@@ -177,8 +188,9 @@ class Sweep(Profile):
         rng = random.Random(self.seed)
         for _ in range(self.steps):
             arrivals = gamma_arrivals(rate, num_requests, 1.0, rng)
-            summary = yield Stage(f"poisson {rate:.3g}/s", num_requests,
-                                  arrivals_s=tuple(arrivals), offered_rate=rate)  # fmt: skip
+            summary = yield Stage(
+                f"poisson {rate:.3g}/s", num_requests, arrivals_s=tuple(arrivals), offered_rate=rate
+            )
             if summary and _saturated(summary, rate):
                 return
             rate *= self.factor
@@ -210,5 +222,9 @@ class Trace(Profile):
 
     def stages(self, num_requests: int) -> StageGenerator:
         duration = self.times_s[-1] or 1.0
-        yield Stage(f"trace ({len(self.times_s)} requests)", len(self.times_s),
-                    arrivals_s=tuple(self.times_s), offered_rate=len(self.times_s) / duration)  # fmt: skip
+        yield Stage(
+            f"trace ({len(self.times_s)} requests)",
+            len(self.times_s),
+            arrivals_s=tuple(self.times_s),
+            offered_rate=len(self.times_s) / duration,
+        )

@@ -39,8 +39,9 @@ def read_run(path: Path) -> Run:
     summary = json.loads((path / "summary.json").read_text())
     lines = (path / "requests.jsonl").read_text().splitlines()
     requests = [json.loads(line) for line in lines if line]
-    return Run(summary["meta"].get("label") or path.name, summary["meta"], summary["stages"],
-               requests)  # fmt: skip
+    return Run(
+        summary["meta"].get("label") or path.name, summary["meta"], summary["stages"], requests
+    )
 
 
 def _ms(value: float | None) -> str:
@@ -51,8 +52,10 @@ def _share(shares: dict[str, float]) -> str:
     return ", ".join(f"{model} {share:.0%}" for model, share in shares.items()) or "-"
 
 
-HEADER = ("| stage | done / failed | req/s | out tok/s | goodput req/s | TTFT mean / p50 / p99 ms "
-          "| TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | errors | served by |")  # fmt: skip
+HEADER = (
+    "| stage | done / failed | req/s | out tok/s | goodput req/s | TTFT mean / p50 / p99 ms "
+    "| TPOT p50 / p99 ms | ITL p50 ms | E2E p50 / p99 ms | errors | served by |"
+)
 
 
 def separator(header: str) -> str:

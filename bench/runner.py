@@ -74,8 +74,12 @@ async def play(
         stage_records, duration_s = await client.run_stage(
             stage, specs, first_index=len(records), progress=settings.progress
         )
-        summary = {"stage": stage.label, "offered_rate": stage.offered_rate,
-                   "concurrency": stage.concurrency, **summarize(stage_records, duration_s, settings.slo)}  # fmt: skip
+        summary = {
+            "stage": stage.label,
+            "offered_rate": stage.offered_rate,
+            "concurrency": stage.concurrency,
+            **summarize(stage_records, duration_s, settings.slo),
+        }
         summaries.append(summary)
         records += stage_records
         try:
@@ -88,10 +92,22 @@ async def play(
 def run_benchmark(settings: RunSettings, out: Path) -> Run:
     profile = parse_profile(settings.profile, settings.seed)
     count = request_budget(profile, settings.num_requests)
-    specs = build_requests(settings.workload, settings.model, count, settings.output_tokens,
-                           settings.ignore_eos, settings.seed)  # fmt: skip
-    warm = build_requests(settings.workload, settings.model, max(1, settings.warmup), "8",
-                          settings.ignore_eos, settings.seed + 1)  # fmt: skip
+    specs = build_requests(
+        settings.workload,
+        settings.model,
+        count,
+        settings.output_tokens,
+        settings.ignore_eos,
+        settings.seed,
+    )
+    warm = build_requests(
+        settings.workload,
+        settings.model,
+        max(1, settings.warmup),
+        "8",
+        settings.ignore_eos,
+        settings.seed + 1,
+    )
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
     async def main():
@@ -103,11 +119,19 @@ def run_benchmark(settings: RunSettings, out: Path) -> Run:
 
     summaries, records = run_async(main())
     meta = {
-        "label": settings.label, "url": settings.url, "model": settings.model,
-        "profile": settings.profile, "workload": settings.workload,
-        "num_requests": settings.num_requests, "output_tokens": settings.output_tokens,
-        "ignore_eos": settings.ignore_eos, "slo": settings.slo or None, "seed": settings.seed,
-        "warmup": settings.warmup, "machine": machine(), "started_at": started_at,
+        "label": settings.label,
+        "url": settings.url,
+        "model": settings.model,
+        "profile": settings.profile,
+        "workload": settings.workload,
+        "num_requests": settings.num_requests,
+        "output_tokens": settings.output_tokens,
+        "ignore_eos": settings.ignore_eos,
+        "slo": settings.slo or None,
+        "seed": settings.seed,
+        "warmup": settings.warmup,
+        "machine": machine(),
+        "started_at": started_at,
         **settings.extra_meta,
-    }  # fmt: skip
+    }
     return write_run(out, meta, summaries, records)

@@ -63,7 +63,10 @@ class Result:
 
 def bad_bodies(model: str) -> list[bytes]:
     """Malformed requests, each a 4xx: cheap to refuse, and they must stay cheap under load."""
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="}}  # fmt: skip
+    image = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg=="},
+    }
     chat = {"model": model, "max_tokens": 8, "stream": True}
     return [
         b'{"model": "' + model.encode() + b'", "messages": [',
@@ -77,7 +80,7 @@ def bad_bodies(model: str) -> list[bytes]:
                     {"role": "user", "content": "hi"},
                 ],
             }
-        ).encode(),  # fmt: skip
+        ).encode(),
         json.dumps(
             {**chat, "seed": 2**64, "messages": [{"role": "user", "content": "hi"}]}
         ).encode(),
@@ -87,12 +90,14 @@ def bad_bodies(model: str) -> list[bytes]:
 async def _send(http, kind: str, body: bytes) -> Result:
     started = time.perf_counter()
     try:
-        async with http.post("/v1/chat/completions", data=body,
-                             headers={"content-type": "application/json"}) as response:  # fmt: skip
+        async with http.post(
+            "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        ) as response:
             if response.status != 200:
                 await response.read()
-                return Result(kind, response.status,
-                              retry_after=response.headers.get("retry-after"))  # fmt: skip
+                return Result(
+                    kind, response.status, retry_after=response.headers.get("retry-after")
+                )
             result = Result(kind, 200)
             async for line in response.content:
                 if not line.startswith(b"data: "):
@@ -129,8 +134,10 @@ class Traffic:
     """The mix, drawn in a fixed order; every image request carries an image never sent before."""
 
     def __init__(self, model: str, output_tokens: int, seed: int = 0) -> None:
-        specs = {kind: build_requests(kind, model, count, str(output_tokens), seed=seed)
-                 for kind, count in (("product", 16), ("phone", 4))}  # fmt: skip
+        specs = {
+            kind: build_requests(kind, model, count, str(output_tokens), seed=seed)
+            for kind, count in (("product", 16), ("phone", 4))
+        }
         self._images = {kind: [_UniqueJpegBody(s.body) for s in specs[kind]] for kind in specs}
         self._bad = bad_bodies(model)
         self._rng = random.Random(seed)
@@ -188,8 +195,14 @@ def server_processes(instance: str) -> dict[str, int]:
     return found
 
 
-async def open_loop(base: str, traffic: Traffic, rate: float, duration_s: float,
-                    processes: dict[str, int], seed: int) -> tuple[list[Result], dict]:  # fmt: skip
+async def open_loop(
+    base: str,
+    traffic: Traffic,
+    rate: float,
+    duration_s: float,
+    processes: dict[str, int],
+    seed: int,
+) -> tuple[list[Result], dict]:
     """Poisson arrivals for ``duration_s``; memory and /health sampled every 5 s."""
     arrivals = poisson_arrivals(rate, duration_s, seed)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
@@ -221,8 +234,11 @@ async def open_loop(base: str, traffic: Traffic, rate: float, duration_s: float,
         await watcher
         for _ in range(50):  # the last releases may trail the last responses by a moment
             async with http.get("/metrics") as response:
-                in_flight = [float(line.split()[-1]) for line in (await response.text()).splitlines()
-                             if line.startswith("qwen3vl_pod_in_flight_requests")]  # fmt: skip
+                in_flight = [
+                    float(line.split()[-1])
+                    for line in (await response.text()).splitlines()
+                    if line.startswith("qwen3vl_pod_in_flight_requests")
+                ]
             if in_flight and not any(in_flight):
                 break
             await asyncio.sleep(0.1)
@@ -244,10 +260,14 @@ def judge(results: list[Result], observed: dict, warmup_s: float, slo_s: float |
         statuses[f"{r.kind} {r.status}"] = statuses.get(f"{r.kind} {r.status}", 0) + 1
     p99 = percentile(admitted, 99)
     series = observed["rss_mib"]
-    baseline_rss = {name: ([rss for t, rss in values if t <= warmup_s] or [0.0])[-1]
-                    for name, values in series.items()}  # fmt: skip
-    peak = {name: max((rss for t, rss in values if t > warmup_s), default=0.0)
-            for name, values in series.items()}  # fmt: skip
+    baseline_rss = {
+        name: ([rss for t, rss in values if t <= warmup_s] or [0.0])[-1]
+        for name, values in series.items()
+    }
+    peak = {
+        name: max((rss for t, rss in values if t > warmup_s), default=0.0)
+        for name, values in series.items()
+    }
     growth = {name: peak[name] / baseline_rss[name] - 1 for name in peak if baseline_rss[name]}
     checks = {
         "no 5xx (nor error events, nor empty streams)": not any(r.failed for r in results),
@@ -261,18 +281,34 @@ def judge(results: list[Result], observed: dict, warmup_s: float, slo_s: float |
         and not any(observed["in_flight_after"]),
     }
     return {
-        "sent": len(results), "statuses": dict(sorted(statuses.items())), "failures": failures,
-        "admitted": len(admitted), "rejected_429": sum(r.status == 429 for r in results),
-        "p50_ttft_s": percentile(admitted, 50), "p99_ttft_s": p99,
-        "rss_after_warmup_mib": baseline_rss, "rss_peak_mib": peak, "rss_growth": growth,
+        "sent": len(results),
+        "statuses": dict(sorted(statuses.items())),
+        "failures": failures,
+        "admitted": len(admitted),
+        "rejected_429": sum(r.status == 429 for r in results),
+        "p50_ttft_s": percentile(admitted, 50),
+        "p99_ttft_s": p99,
+        "rss_after_warmup_mib": baseline_rss,
+        "rss_peak_mib": peak,
+        "rss_growth": growth,
         "rss_series_mib": series,
-        "health_checks": len(observed["health"]), "checks": checks, "passed": all(checks.values()),
-    }  # fmt: skip
+        "health_checks": len(observed["health"]),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
 
 
-def soak(base: str, model: str, concurrency: int, slo_s: float | None, processes: dict[str, int],
-         duration_s: float, factor: float, output_tokens: int,
-         warmup_s: float | None = None) -> dict:  # fmt: skip
+def soak(
+    base: str,
+    model: str,
+    concurrency: int,
+    slo_s: float | None,
+    processes: dict[str, int],
+    duration_s: float,
+    factor: float,
+    output_tokens: int,
+    warmup_s: float | None = None,
+) -> dict:
     """Warm up, measure capacity, soak; the report (see ``judge``). The memory baseline is
     taken ``warmup_s`` into the soak (default: a tenth of it, at least 20 s)."""
     traffic = Traffic(model, output_tokens)
@@ -280,8 +316,11 @@ def soak(base: str, model: str, concurrency: int, slo_s: float | None, processes
     capacity = asyncio.run(closed_loop(base, traffic, concurrency, 8 * concurrency))
     # factor x capacity of the requests that can succeed; the bad ones come on top
     rate = factor * capacity / (1 - MIX["bad"])
-    print(f"capacity {capacity:.1f} completed req/s of the mix; soaking at {rate:.1f} req/s for "
-          f"{duration_s:g} s; processes {processes}", flush=True)  # fmt: skip
+    print(
+        f"capacity {capacity:.1f} completed req/s of the mix; soaking at {rate:.1f} req/s for "
+        f"{duration_s:g} s; processes {processes}",
+        flush=True,
+    )
     results, observed = asyncio.run(open_loop(base, traffic, rate, duration_s, processes, seed=1))
     warmup_s = max(20.0, duration_s / 10) if warmup_s is None else warmup_s
     report = judge(results, observed, warmup_s, slo_s)
@@ -306,14 +345,39 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(yaml.safe_dump(profile))
     instance = uuid.uuid4().hex
     base = f"http://127.0.0.1:{profile['server']['port']}"
-    with ServerProcess(engine_command(path), base, args.out / "server.log",
-                       env={"QWEN3VL_INSTANCE": instance}):  # fmt: skip
+    with ServerProcess(
+        engine_command(path), base, args.out / "server.log", env={"QWEN3VL_INSTANCE": instance}
+    ):
         seqs = sum(m.engine_kwargs.get("max_num_seqs", 256) for m in config.models)
-        report = soak(base, config.primary.name, seqs,
-                      config.admission.ttft_slo_s, server_processes(instance), args.duration_s,
-                      args.factor, args.output_tokens)  # fmt: skip
+        report = soak(
+            base,
+            config.primary.name,
+            seqs,
+            config.admission.ttft_slo_s,
+            server_processes(instance),
+            args.duration_s,
+            args.factor,
+            args.output_tokens,
+        )
     report["config"] = str(args.config)
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("capacity_rps", "rate_rps", "sent", "statuses", "failures",
-                      "p50_ttft_s", "p99_ttft_s", "rss_growth", "checks")}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "capacity_rps",
+                    "rate_rps",
+                    "sent",
+                    "statuses",
+                    "failures",
+                    "p50_ttft_s",
+                    "p99_ttft_s",
+                    "rss_growth",
+                    "checks",
+                )
+            },
+            indent=1,
+        )
+    )
     return 0 if report["passed"] else 1

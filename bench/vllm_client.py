@@ -35,23 +35,52 @@ def vllm_bench_args(
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     argv = [
-        "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
-        "--model", model, "--tokenizer", tokenizer, "--num-prompts", str(num_prompts),
-        "--max-concurrency", str(concurrency), "--request-rate", "inf",
-        "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-        "--random-range-ratio", "0",
-        "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--metric-percentiles", "50,99", "--disable-tqdm",
-    ]  # fmt: skip
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        "--num-prompts",
+        str(num_prompts),
+        "--max-concurrency",
+        str(concurrency),
+        "--request-rate",
+        "inf",
+        "--random-input-len",
+        str(input_len),
+        "--random-output-len",
+        str(output_len),
+        "--random-range-ratio",
+        "0",
+        "--ignore-eos",
+        "--seed",
+        str(seed),
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--disable-tqdm",
+    ]
     if image_size is None:
         argv += ["--dataset-name", "random"]
     else:
         argv += [
-            "--dataset-name", "random-mm",
-            "--random-mm-base-items-per-request", "1", "--random-mm-num-mm-items-range-ratio", "0",
-            "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-            "--random-mm-bucket-config", repr({(image_size, image_size, 1): 1.0}),
-        ]  # fmt: skip
+            "--dataset-name",
+            "random-mm",
+            "--random-mm-base-items-per-request",
+            "1",
+            "--random-mm-num-mm-items-range-ratio",
+            "0",
+            "--random-mm-limit-mm-per-prompt",
+            json.dumps({"image": 1, "video": 0}),
+            "--random-mm-bucket-config",
+            repr({(image_size, image_size, 1): 1.0}),
+        ]
     if result_dir is not None:
         argv += ["--save-result", "--result-dir", str(result_dir)]
     return parser.parse_args(argv + (extra_args or []))
@@ -75,10 +104,13 @@ def write_vllm_samples(args: argparse.Namespace, path: Path) -> int:
     with open(path, "w") as f:
         for sample in samples:
             request = RequestFuncInput(
-                prompt=sample.prompt, api_url="", prompt_len=sample.prompt_len,
-                output_len=sample.expected_output_len, model=args.model,
+                prompt=sample.prompt,
+                api_url="",
+                prompt_len=sample.prompt_len,
+                output_len=sample.expected_output_len,
+                model=args.model,
                 multi_modal_content=sample.multi_modal_data,
-            )  # fmt: skip
+            )
             row = {
                 "messages": _get_chat_messages(request),
                 "max_tokens": sample.expected_output_len,

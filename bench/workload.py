@@ -100,8 +100,10 @@ def _parse_spec(spec: str) -> tuple[list[str], dict[str, str]]:
     parsed = dict(item.split("=", 1) for item in options.split(",") if item) if options else {}
     for name in names:
         if name not in (*IMAGE_KINDS, "text"):
-            raise ValueError(f"unknown workload kind {name!r}; use {sorted(IMAGE_KINDS)}, "
-                             "'mixed', 'text' or 'jsonl:FILE'")  # fmt: skip
+            raise ValueError(
+                f"unknown workload kind {name!r}; use {sorted(IMAGE_KINDS)}, "
+                "'mixed', 'text' or 'jsonl:FILE'"
+            )
     return names, parsed
 
 
@@ -149,8 +151,11 @@ def build_requests(
     for i in range(num_requests):
         mine = parts[i * images_per_request : (i + 1) * images_per_request]
         content = [p for p, _, _ in mine if p] + [{"type": "text", "text": rng.choice(QUESTIONS)}]
-        body = {"model": model, "messages": [{"role": "user", "content": content}],
-                "max_tokens": lengths[i]}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": lengths[i],
+        }
         if ignore_eos:
             body["ignore_eos"] = True
         specs.append(RequestSpec(body, mine[0][2], sum(n for _, n, _ in mine)))

@@ -168,8 +168,9 @@ def supervise(argv: list[str]) -> int:
         [sys.executable, "-m", "engine", *argv],
         # its own process group, in this session: Linux's autogroup scheduling gives each
         # session an equal CPU share, so a new session would ignore a nice level given to us
-        env={**os.environ, SERVER_CHILD_ENV: "1"}, process_group=0,
-    )  # fmt: skip
+        env={**os.environ, SERVER_CHILD_ENV: "1"},
+        process_group=0,
+    )
     lifecycle.start_reaper(instance, group=child.pid)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: child.send_signal(signum))
@@ -182,16 +183,21 @@ def supervise(argv: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if os.environ.get(SERVER_CHILD_ENV) != "1":
         return supervise(args.argv)
-    config = tier_config(load_config(args.config), args.serve_only,
-                         dict(r.split("=", 1) for r in args.remote), args.single_replica)  # fmt: skip
+    config = tier_config(
+        load_config(args.config),
+        args.serve_only,
+        dict(r.split("=", 1) for r in args.remote),
+        args.single_replica,
+    )
     overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
     if overrides:
         config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     stopping, forced, drained = threading.Event(), threading.Event(), threading.Event()
 
     def drain_in_background() -> None:
-        print(f"Draining (up to {config.drain_timeout_s:g}s; signal again to stop now)...",
-              flush=True)  # fmt: skip
+        print(
+            f"Draining (up to {config.drain_timeout_s:g}s; signal again to stop now)...", flush=True
+        )
         try:
             drain(config.drain_timeout_s, forced)
         finally:
@@ -209,8 +215,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         try:
             base = start(config, on_signal, stopping)
-            print(f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)",
-                  flush=True)  # fmt: skip
+            print(
+                f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)", flush=True
+            )
         except StartupInterrupted:
             pass
         drained.wait()
@@ -238,12 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument(
         "--host", default=None, help="override server.host (0.0.0.0 in a container)"
     )
-    serve_p.add_argument("--serve-only", metavar="MODEL", help="serve just this model of the "
-                         "profile, as primary (a fallback tier's pods)")  # fmt: skip
-    serve_p.add_argument("--remote", metavar="MODEL=URL", action="append", default=[],
-                         help="reach this fallback at URL instead of running it here")  # fmt: skip
-    serve_p.add_argument("--single-replica", action="store_true", help="one replica per model, "
-                         "no Ray Serve autoscaling (Kubernetes scales the pods)")  # fmt: skip
+    serve_p.add_argument(
+        "--serve-only",
+        metavar="MODEL",
+        help="serve just this model of the profile, as primary (a fallback tier's pods)",
+    )
+    serve_p.add_argument(
+        "--remote",
+        metavar="MODEL=URL",
+        action="append",
+        default=[],
+        help="reach this fallback at URL instead of running it here",
+    )
+    serve_p.add_argument(
+        "--single-replica",
+        action="store_true",
+        help="one replica per model, no Ray Serve autoscaling (Kubernetes scales the pods)",
+    )
     serve_p.set_defaults(func=cmd_serve)
     gen_p = sub.add_parser("generate", help="write a generated Qwen3-VL checkpoint, print its path")
     gen_p.add_argument("preset", nargs="?", default="tiny", choices=["tiny", "small"])

@@ -54,9 +54,11 @@ class ImageLimits(_Strict):
         3072, gt=0, description="Downscale so the long side is at most this many pixels too."
     )
     max_aspect_ratio: float = Field(
-        200, ge=1, description="Refuse images longer than this many times their width (or "
+        200,
+        ge=1,
+        description="Refuse images longer than this many times their width (or "
         "wider than tall): Qwen-VL's image processor refuses them past 200.",
-    )  # fmt: skip
+    )
     max_images_per_request: int = Field(4, ge=0, description="Images allowed in one request.")
     allowed_url_hosts: list[str] = Field(
         default_factory=list,
@@ -72,13 +74,15 @@ class ImageLimits(_Strict):
         default_factory=lambda: ["https"], description="Schemes of fetched image URLs."
     )
     allowed_url_ports: list[int] = Field(
-        default_factory=list, description="Ports of fetched image URLs; empty = the scheme's "
+        default_factory=list,
+        description="Ports of fetched image URLs; empty = the scheme's "
         "default port only (443, 80).",
-    )  # fmt: skip
+    )
     allow_private_addresses: bool = Field(
-        False, description="Fetch from hosts that resolve to loopback, private, link-local "
+        False,
+        description="Fetch from hosts that resolve to loopback, private, link-local "
         "or other non-public addresses (off: an allow-listed name cannot reach the cluster).",
-    )  # fmt: skip
+    )
     max_url_chars: int = Field(8192, gt=0, description="Length cap of a fetched image URL.")
     fetch_timeout_s: float = Field(
         10.0, gt=0, description="Total time for one image fetch: connect, headers and body."
@@ -120,10 +124,12 @@ class SaturationPolicy(_Strict):
         0.95, gt=0, le=1, description="KV-cache usage (0..1) at which it is saturated."
     )
     resume_fraction: float = Field(
-        0.75, gt=0, lt=1,
+        0.75,
+        gt=0,
+        lt=1,
         description="Hysteresis: saturation ends only when every signal is below this "
         "fraction of its threshold.",
-    )  # fmt: skip
+    )
     max_queued_requests: int = Field(
         64, ge=0, description="Bounded waiting: requests queued beyond max_running_requests."
     )
@@ -227,9 +233,11 @@ class AdmissionConfig(_Strict):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429.")
     ttft_slo_s: float | None = Field(
-        None, gt=0, description="p99 time to first token promised to admitted requests at "
+        None,
+        gt=0,
+        description="p99 time to first token promised to admitted requests at "
         "any load (the bounded queues keep it; `python -m bench soak` checks it).",
-    )  # fmt: skip
+    )
     allow_fallback_by_default: bool = Field(
         True, description="Whether requests may be served by a fallback unless they opt out."
     )
@@ -375,15 +383,20 @@ def tier_config(
     for name, url in (remotes or {}).items():
         if name not in [m.name for m in models] or name == config.primary.name:
             raise ValueError(f"--remote {name!r} must name a fallback of {config.model_names}")
-        models = [m.model_copy(update={"model": "", "url": url}) if m.name == name else m
-                  for m in models]  # fmt: skip
+        models = [
+            m.model_copy(update={"model": "", "url": url}) if m.name == name else m for m in models
+        ]
     if single_replica:
-        models = [m.model_copy(update={"num_replicas": 1, "autoscaling_config": None})
-                  for m in models]  # fmt: skip
+        models = [
+            m.model_copy(update={"num_replicas": 1, "autoscaling_config": None}) for m in models
+        ]
     return AppConfig.model_validate(
-        config.model_dump() | {"models": [m.model_dump() for m in models],
-                               "routing": routing.model_dump() if routing else None}
-    )  # fmt: skip
+        config.model_dump()
+        | {
+            "models": [m.model_dump() for m in models],
+            "routing": routing.model_dump() if routing else None,
+        }
+    )
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:

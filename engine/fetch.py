@@ -41,16 +41,19 @@ def fetch_client():
     # No kept-alive connections: a pinned connection is keyed by address, and a TLS session
     # checked for one allow-listed name must not serve another name on the same address.
     return httpx.AsyncClient(
-        follow_redirects=False, trust_env=False, cookies=no_cookies,
+        follow_redirects=False,
+        trust_env=False,
+        cookies=no_cookies,
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
-    )  # fmt: skip
+    )
 
 
 def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> Target:
     """Parse an image URL and check it against the allow-list, without resolving it."""
     if len(url) > limits.max_url_chars:
-        raise _bad_url(f"image URL is {len(url)} characters; the limit is {limits.max_url_chars}",
-                       param)  # fmt: skip
+        raise _bad_url(
+            f"image URL is {len(url)} characters; the limit is {limits.max_url_chars}", param
+        )
     if not url.isprintable() or any(c.isspace() for c in url):
         raise _bad_url("image URL holds control or space characters", param)
     try:
@@ -65,8 +68,9 @@ def check_remote_url(url: str, limits: ImageLimits, *, param: str) -> Target:
     if parts.username is not None or parts.password is not None:
         raise _bad_url("image URL must not carry credentials", param)
     if host not in limits.allowed_url_hosts:
-        raise _not_allowed(f"image host {host!r} is not allow-listed; send the image as a data: "
-                           "URL", param)  # fmt: skip
+        raise _not_allowed(
+            f"image host {host!r} is not allow-listed; send the image as a data: URL", param
+        )
     if parts.scheme not in limits.allowed_url_schemes:
         raise _not_allowed(f"image URLs must use {' or '.join(limits.allowed_url_schemes)}", param)
     port = _DEFAULT_PORTS[parts.scheme] if port is None else port
@@ -83,8 +87,9 @@ async def resolve(target: Target, limits: ImageLimits, *, param: str) -> Target:
     try:
         infos = await _getaddrinfo(target.host, target.port)
     except (OSError, UnicodeError):
-        raise RequestError(f"image host {target.host!r} does not resolve",
-                           code="image_fetch_failed", param=param) from None  # fmt: skip
+        raise RequestError(
+            f"image host {target.host!r} does not resolve", code="image_fetch_failed", param=param
+        ) from None
     addresses = [info[4][0] for info in infos]
     if not addresses or not all(_public(a) for a in addresses):
         raise _not_allowed(f"image host {target.host!r} resolves to a non-public address", param)
@@ -134,13 +139,15 @@ async def fetch_image_bytes(target: Target, limits: ImageLimits, *, param: str, 
     try:
         async with asyncio.timeout(limits.fetch_timeout_s):
             url, headers, extensions = request_for(await resolve(target, limits, param=param))
-            async with client.stream("GET", url, headers=headers, extensions=extensions,
-                                     timeout=limits.fetch_timeout_s) as response:  # fmt: skip
+            async with client.stream(
+                "GET", url, headers=headers, extensions=extensions, timeout=limits.fetch_timeout_s
+            ) as response:
                 if response.status_code != 200:
                     raise RequestError(
                         f"fetching the image returned HTTP {response.status_code}",
-                        code="image_fetch_failed", param=param,
-                    )  # fmt: skip
+                        code="image_fetch_failed",
+                        param=param,
+                    )
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
@@ -151,20 +158,24 @@ async def fetch_image_bytes(target: Target, limits: ImageLimits, *, param: str, 
     except (TimeoutError, httpx.TimeoutException):
         raise RequestError(
             f"fetching the image took longer than {limits.fetch_timeout_s:g}s",
-            code="image_fetch_timeout", param=param,
-        ) from None  # fmt: skip
+            code="image_fetch_timeout",
+            param=param,
+        ) from None
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, UnicodeError) as exc:
         raise RequestError(
             f"fetching the image failed ({type(exc).__name__})",
-            code="image_fetch_failed", param=param,
-        ) from None  # fmt: skip
+            code="image_fetch_failed",
+            param=param,
+        ) from None
 
 
 def too_many_bytes(size: int, limits: ImageLimits, param: str) -> RequestError:
     return RequestError(
         f"image is {size} bytes; the limit is {limits.max_image_bytes} bytes",
-        status_code=413, code="image_too_large", param=param,
-    )  # fmt: skip
+        status_code=413,
+        code="image_too_large",
+        param=param,
+    )
 
 
 def _bad_url(message: str, param: str) -> RequestError:

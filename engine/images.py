@@ -40,8 +40,9 @@ def data_url_payload(url: str, limits: ImageLimits, *, param: str) -> str:
     if not match:
         raise RequestError(
             "image data URL must look like 'data:image/png;base64,<data>'",
-            code="invalid_image_url", param=param,
-        )  # fmt: skip
+            code="invalid_image_url",
+            param=param,
+        )
     payload = url[match.end() :]
     # base64 inflates by 4/3: reject before decoding anything we would refuse anyway.
     if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
@@ -94,8 +95,9 @@ def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
         if other:
             raise RequestError(
                 f"image format {other} is not supported; send JPEG, PNG or WebP",
-                code="unsupported_image_format", param=param,
-            ) from None  # fmt: skip
+                code="unsupported_image_format",
+                param=param,
+            ) from None
         raise RequestError(
             "image data is not a JPEG, PNG or WebP image", code="invalid_image_data", param=param
         ) from None
@@ -106,21 +108,29 @@ def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
         raise RequestError(
             f"image is {width}x{height} = {width * height} pixels; the limit is "
             f"{limits.max_image_pixels}",
-            code="image_too_large", param=param,
-        )  # fmt: skip
+            code="image_too_large",
+            param=param,
+        )
     if width < 1 or height < 1:
         raise RequestError("image has no pixels", code="invalid_image_data", param=param)
     if max(width, height) > limits.max_aspect_ratio * min(width, height):
         raise RequestError(
             f"image is {width}x{height}; its long side may be at most "
             f"{limits.max_aspect_ratio:g} times its short side",
-            code="image_aspect_ratio", param=param,
-        )  # fmt: skip
+            code="image_aspect_ratio",
+            param=param,
+        )
     return image
 
 
-_MAGIC = [(b"GIF8", 0, "GIF"), (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"),
-          (b"MM\x00*", 0, "TIFF"), (b"ftypheic", 4, "HEIC"), (b"ftypavif", 4, "AVIF")]  # fmt: skip
+_MAGIC = [
+    (b"GIF8", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"ftypheic", 4, "HEIC"),
+    (b"ftypavif", 4, "AVIF"),
+]
 
 
 def _sniff(data: bytes) -> str | None:
@@ -157,8 +167,11 @@ def normalize_image(image: Image.Image, limits: ImageLimits, *, param: str) -> I
 
 
 def _target_size(width: int, height: int, limits: ImageLimits, slack: float = 1.0):
-    scale = min(1.0, slack * limits.max_short_side_px / min(width, height),
-                slack * limits.max_long_side_px / max(width, height))  # fmt: skip
+    scale = min(
+        1.0,
+        slack * limits.max_short_side_px / min(width, height),
+        slack * limits.max_long_side_px / max(width, height),
+    )
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -182,14 +195,18 @@ async def build_conversation(
     ``decoder`` runs the decoding off the event loop.
     """
     n_images = sum(
-        1 for m in request.messages if isinstance(m.content, list)
-        for p in m.content if p.type == "image_url"
-    )  # fmt: skip
+        1
+        for m in request.messages
+        if isinstance(m.content, list)
+        for p in m.content
+        if p.type == "image_url"
+    )
     if n_images > limits.max_images_per_request:
         raise RequestError(
             f"request has {n_images} images; at most {limits.max_images_per_request} are allowed",
-            code="too_many_images", param="messages",
-        )  # fmt: skip
+            code="too_many_images",
+            param="messages",
+        )
     conversation = []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
@@ -205,8 +222,10 @@ async def build_conversation(
                 if message.role != "user":  # as Qwen3-VL's chat template: user turns only
                     raise RequestError(
                         f"images are only allowed in user messages, not in a {message.role} "
-                        "message", code="image_not_in_user_message", param=param,
-                    )  # fmt: skip
+                        "message",
+                        code="image_not_in_user_message",
+                        param=param,
+                    )
                 image, content_id = await load_image(
                     part.image_url.url, limits, param, fetch_client, decoder
                 )

@@ -76,8 +76,9 @@ def error_payload(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(exc, StarletteHTTPException):
         body = error_body(str(exc.detail), error_type="invalid_request_error", code=exc.status_code)
         return exc.status_code, body, {}
-    body = error_body("internal error; the server logged it", error_type="server_error",
-                      code="internal")  # fmt: skip
+    body = error_body(
+        "internal error; the server logged it", error_type="server_error", code="internal"
+    )
     return 500, body, {}
 
 
@@ -139,18 +140,34 @@ def _server_log() -> logging.Logger:
     return log
 
 
-def _log_request(request_id: str, requested: str, served: str, status: str, arrival: float,
-                 completion_tokens: int | None = None) -> None:  # fmt: skip
+def _log_request(
+    request_id: str,
+    requested: str,
+    served: str,
+    status: str,
+    arrival: float,
+    completion_tokens: int | None = None,
+) -> None:
     """One line per admitted request, keyed by the id the client sees (body ``id``,
     ``x-request-id``); Ray Serve's own access log is off in throughput mode."""
     tokens = "" if completion_tokens is None else f" tokens={completion_tokens}"
-    _server_log().info("request %s model=%s served=%s status=%s %.0fms%s", request_id, requested,
-                served, status, 1000 * (time.perf_counter() - arrival), tokens)  # fmt: skip
+    _server_log().info(
+        "request %s model=%s served=%s status=%s %.0fms%s",
+        request_id,
+        requested,
+        served,
+        status,
+        1000 * (time.perf_counter() - arrival),
+        tokens,
+    )
 
 
 def _shutting_down() -> EngineError:
-    return EngineError("the server is shutting down; retry on another replica",
-                       status_code=503, code="shutting_down")  # fmt: skip
+    return EngineError(
+        "the server is shutting down; retry on another replica",
+        status_code=503,
+        code="shutting_down",
+    )
 
 
 # Helpers the deployment uses must be defined above it: Ray pickles the class by value.
@@ -196,8 +213,9 @@ class OpenAIServer:
                 await engine.check_health()
             except Exception as exc:  # noqa: BLE001 - any failure means "not serving"
                 _server_log().warning("health check of %s failed: %r", name, exc)
-                return error_response(EngineError(f"model {name} is not healthy",
-                                                  status_code=503, code="unhealthy"))  # fmt: skip
+                return error_response(
+                    EngineError(f"model {name} is not healthy", status_code=503, code="unhealthy")
+                )
         return JSONResponse({"status": "ok", "models": list(self.engines)})
 
     @app.get("/v1/models")
@@ -235,8 +253,10 @@ class OpenAIServer:
         if request.model not in self.engines:
             raise RequestError(
                 f"model {request.model!r} does not exist; available: {sorted(self.engines)}",
-                status_code=404, code="model_not_found", param="model",
-            )  # fmt: skip
+                status_code=404,
+                code="model_not_found",
+                param="model",
+            )
         deadline = arrival + deadline_s(raw.headers, self.config)
         strict = not allow_fallback(raw.headers, request, self.config)
         # Route before touching images: a refused request costs no decoding.
@@ -253,9 +273,13 @@ class OpenAIServer:
         release = self._releaser(engine.name)
         streaming, status = False, "200"
         try:
-            conversation = await self._within(deadline, images.build_conversation(
-                request, self.config.images, self._fetch_client, self._decoder
-            ), request)  # fmt: skip
+            conversation = await self._within(
+                deadline,
+                images.build_conversation(
+                    request, self.config.images, self._fetch_client, self._decoder
+                ),
+                request,
+            )
             prepared = await self._within(
                 deadline, engine.prepare(request_id, request, conversation), request
             )
@@ -268,12 +292,15 @@ class OpenAIServer:
                 streaming = True  # from here the stream releases, however it ends
                 return EventStream(
                     self._stream(engine, prepared, request, arrival, deadline, release),
-                    on_close=release, media_type="text/event-stream", headers=headers,
-                )  # fmt: skip
+                    on_close=release,
+                    media_type="text/event-stream",
+                    headers=headers,
+                )
             text, usage, finish_reason = await self._within(
-                deadline, self._collect_unless_disconnected(raw, request, engine, prepared, arrival),
+                deadline,
+                self._collect_unless_disconnected(raw, request, engine, prepared, arrival),
                 request,
-            )  # fmt: skip
+            )
             body = completion_body(request_id, engine.name, text, finish_reason, usage)
             metrics.REQUESTS.labels(request.model, engine.name, "200").inc()
             return JSONResponse(body, headers=headers)
@@ -359,12 +386,16 @@ class OpenAIServer:
             return await asyncio.wait_for(work, max(0.0, deadline - time.perf_counter()))
         except TimeoutError:
             metrics.REJECTIONS.labels(request.model, "deadline_exceeded").inc()
-            raise EngineError("the request did not finish within its deadline",
-                              status_code=504, code="deadline_exceeded",
-                              error_type="timeout_error") from None  # fmt: skip
+            raise EngineError(
+                "the request did not finish within its deadline",
+                status_code=504,
+                code="deadline_exceeded",
+                error_type="timeout_error",
+            ) from None
 
-    async def _collect_unless_disconnected(self, raw: Request, request: ChatCompletionRequest,
-                                           engine, prepared, arrival):  # fmt: skip
+    async def _collect_unless_disconnected(
+        self, raw: Request, request: ChatCompletionRequest, engine, prepared, arrival
+    ):
         """Collect the completion; if the client disconnects first, cancel (and so abort) it."""
         collect = asyncio.ensure_future(self._collect(engine, prepared, arrival))
         disconnect = asyncio.ensure_future(_wait_for_disconnect(raw))
@@ -395,8 +426,15 @@ class OpenAIServer:
         metrics.E2E_LATENCY.labels(engine.name).observe(time.perf_counter() - arrival)
         return "".join(pieces), usage, finish_reason
 
-    async def _stream(self, engine, prepared: PreparedRequest, request: ChatCompletionRequest,
-                      arrival: float, deadline: float, release) -> AsyncIterator[str]:  # fmt: skip
+    async def _stream(
+        self,
+        engine,
+        prepared: PreparedRequest,
+        request: ChatCompletionRequest,
+        arrival: float,
+        deadline: float,
+        release,
+    ) -> AsyncIterator[str]:
         encoder = ChunkEncoder(prepared.request_id, engine.name)
         usage = Usage(prompt_tokens=prepared.prompt_tokens)
         first = True
@@ -419,8 +457,13 @@ class OpenAIServer:
             # Headers are gone already: the error travels as the last event.
             status = "504"
             metrics.REJECTIONS.labels(request.model, "deadline_exceeded").inc()
-            yield encoder.error(error_body("the request did not finish within its deadline",
-                                           error_type="timeout_error", code="deadline_exceeded"))  # fmt: skip
+            yield encoder.error(
+                error_body(
+                    "the request did not finish within its deadline",
+                    error_type="timeout_error",
+                    code="deadline_exceeded",
+                )
+            )
         except asyncio.CancelledError:
             status = "499"  # client went away; leaving generate() aborted the engine request
             raise
@@ -433,6 +476,12 @@ class OpenAIServer:
         finally:
             metrics.REQUESTS.labels(request.model, engine.name, status).inc()
             release()
-            _log_request(prepared.request_id, request.model, engine.name, status, arrival,
-                         usage.completion_tokens)  # fmt: skip
+            _log_request(
+                prepared.request_id,
+                request.model,
+                engine.name,
+                status,
+                arrival,
+                usage.completion_tokens,
+            )
         yield ChunkEncoder.DONE

@@ -73,8 +73,9 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
         if where is not None:
             raise RequestError(
                 f"{where or 'body'}: string holds a lone UTF-16 surrogate; send valid Unicode",
-                code="invalid_json", param=where or None,
-            )  # fmt: skip
+                code="invalid_json",
+                param=where or None,
+            )
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -93,8 +94,10 @@ def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
     if len(request.messages) > limits.max_messages:
         raise RequestError(
             f"request has {len(request.messages)} messages; at most {limits.max_messages} "
-            "are allowed", code="too_many_messages", param="messages",
-        )  # fmt: skip
+            "are allowed",
+            code="too_many_messages",
+            param="messages",
+        )
     parts = chars = 0
     for message in request.messages:
         if isinstance(message.content, str):
@@ -105,20 +108,23 @@ def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
     if parts > limits.max_content_parts:
         raise RequestError(
             f"request has {parts} content parts; at most {limits.max_content_parts} are allowed",
-            code="too_many_content_parts", param="messages",
-        )  # fmt: skip
+            code="too_many_content_parts",
+            param="messages",
+        )
     if chars > limits.max_text_chars:
         raise RequestError(
-            f"request has {chars} characters of text; at most {limits.max_text_chars} are "
-            "allowed", code="text_too_long", param="messages",
-        )  # fmt: skip
+            f"request has {chars} characters of text; at most {limits.max_text_chars} are allowed",
+            code="text_too_long",
+            param="messages",
+        )
 
 
 def _body_too_large(size: int, limits: RequestLimits) -> RequestError:
     return RequestError(
         f"request body is {size} bytes; the limit is {limits.max_body_bytes} bytes",
-        status_code=413, code="request_too_large",
-    )  # fmt: skip
+        status_code=413,
+        code="request_too_large",
+    )
 
 
 def _no_constant(name: str) -> Any:
@@ -163,8 +169,9 @@ def deadline_s(headers: Mapping[str, str], config: AppConfig) -> float:
         raise RequestError(
             f"{TIMEOUT_HEADER} must be a number of seconds in (0, "
             f"{config.admission.max_request_timeout_s:g}], got {raw[:64]!r}",
-            code="invalid_timeout", param=TIMEOUT_HEADER,
-        )  # fmt: skip
+            code="invalid_timeout",
+            param=TIMEOUT_HEADER,
+        )
     return value
 
 
@@ -178,8 +185,9 @@ def request_id_of(headers: Mapping[str, str]) -> str | None:
     if not _SAFE_REQUEST_ID.fullmatch(raw):
         raise RequestError(
             f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : / + = -",
-            code="invalid_header", param=REQUEST_ID_HEADER,
-        )  # fmt: skip
+            code="invalid_header",
+            param=REQUEST_ID_HEADER,
+        )
     return raw
 
 
@@ -196,5 +204,8 @@ def allow_fallback(
         return False
     if raw.lower() in ("true", "1", "yes"):
         return True
-    raise RequestError(f"{FALLBACK_HEADER} must be true or false, got {raw[:64]!r}",
-                       code="invalid_header", param=FALLBACK_HEADER)  # fmt: skip
+    raise RequestError(
+        f"{FALLBACK_HEADER} must be true or false, got {raw[:64]!r}",
+        code="invalid_header",
+        param=FALLBACK_HEADER,
+    )

@@ -81,12 +81,24 @@ def start_reaper(instance: str, group: int, grace_s: float = 5.0) -> subprocess.
     """Watch this process from a new session; when it ends, end all of ``instance`` and of
     process group ``group``."""
     env = {k: v for k, v in os.environ.items() if k != INSTANCE_ENV}  # not one of its own targets
-    command = [sys.executable, "-m", "engine.lifecycle", str(os.getpid()), instance, str(group),
-               str(grace_s)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "engine.lifecycle",
+        str(os.getpid()),
+        instance,
+        str(group),
+        str(grace_s),
+    ]
     return subprocess.Popen(
-        command, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-    )  # fmt: skip
+        command,
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
 
 
 def _reap_after(pid: int, instance: str, group: int, grace_s: float) -> None:

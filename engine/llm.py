@@ -79,8 +79,9 @@ class ModelEngine:
         self._control_tokens = control_token_pattern(self.llm.get_tokenizer())
         self.attention_backends = attention_backends(self.llm.vllm_config)
         version = _vllm_version()
-        logger.info("%s: vLLM %s, attention backends %s", self.name, version,
-                    self.attention_backends)  # fmt: skip
+        logger.info(
+            "%s: vLLM %s, attention backends %s", self.name, version, self.attention_backends
+        )
         from engine.metrics import ENGINE_INFO
 
         ENGINE_INFO.labels(self.name, version, *self.attention_backends.values()).set(1)
@@ -98,8 +99,9 @@ class ModelEngine:
             raise RequestError(
                 f"max_tokens is {max_tokens}, but this model's context is {self.max_model_len} "
                 "tokens, which must also hold the prompt",
-                code="context_length_exceeded", param="max_tokens",
-            )  # fmt: skip
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         tok_params = TokenizeParams(
             max_total_tokens=self.max_model_len,
             max_output_tokens=max_tokens or 0,
@@ -119,19 +121,29 @@ class ModelEngine:
             raise RequestError(
                 f"the prompt is {prompt_tokens} tokens (images included); this model's context "
                 f"is {self.max_model_len} tokens",
-                code="context_length_exceeded", param="messages",
-            )  # fmt: skip
+                code="context_length_exceeded",
+                param="messages",
+            )
         if max_tokens is None:
             max_tokens = self.max_model_len - prompt_tokens
         elif prompt_tokens + max_tokens > self.max_model_len:
             raise RequestError(
                 f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}; together "
                 f"they exceed this model's context of {self.max_model_len} tokens",
-                code="context_length_exceeded", param="max_tokens",
-            )  # fmt: skip
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         sampling = dict(self._default_sampling)
-        for field in ("temperature", "top_p", "top_k", "seed", "stop", "min_tokens",
-                      "presence_penalty", "frequency_penalty"):  # fmt: skip
+        for field in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "min_tokens",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(request, field)
             if value is not None:
                 sampling[field] = value

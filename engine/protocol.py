@@ -142,9 +142,13 @@ class ChunkEncoder:
 
     def __init__(self, request_id: str, model: str) -> None:
         head = json.dumps(
-            {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-             "model": model}
-        )[:-1]  # fmt: skip
+            {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+            }
+        )[:-1]
         self._head = "data: " + head + ', "choices": [{"index": 0, "delta": '
         self._usage_head = "data: " + head + ', "choices": [], "usage": '
         self._first = True

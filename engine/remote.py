@@ -104,17 +104,22 @@ class HttpModel:
         self.url = url.rstrip("/")
         # No read timeout: the ingress enforces each request's deadline.
         self._client = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(10.0, read=None),
+            base_url=self.url,
+            timeout=httpx.Timeout(10.0, read=None),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )  # fmt: skip
+        )
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
     ) -> PreparedRequest:
         """Send the request; returns once the other tier accepted it (200 and headers)."""
         body = request.model_dump(mode="json", exclude_none=True)
-        body |= {"model": self.name, "stream": True, "stream_options": {"include_usage": True},
-                 "allow_fallback": False}  # fmt: skip
+        body |= {
+            "model": self.name,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "allow_fallback": False,
+        }
         outgoing = self._client.build_request(
             "POST", "/v1/chat/completions", json=body, headers={"x-request-id": request_id}
         )
@@ -122,8 +127,9 @@ class HttpModel:
             response = await self._client.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
             logger.warning("fallback %s at %s unreachable: %r", self.name, self.url, exc)
-            raise EngineError(f"fallback {self.name} is unreachable", status_code=503,
-                              code="fallback_unreachable") from None  # fmt: skip
+            raise EngineError(
+                f"fallback {self.name} is unreachable", status_code=503, code="fallback_unreachable"
+            ) from None
         if response.status_code != 200:
             payload = await response.aread()
             await response.aclose()
@@ -142,12 +148,14 @@ class HttpModel:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     message = chunk["error"].get("message")
-                    raise EngineError(f"fallback {self.name}: {message}", status_code=502,
-                                      code="fallback_failed")  # fmt: skip
+                    raise EngineError(
+                        f"fallback {self.name}: {message}", status_code=502, code="fallback_failed"
+                    )
                 if chunk.get("choices"):
                     choice = chunk["choices"][0]
-                    delta = GenerationDelta(choice["delta"].get("content") or "", 1,
-                                            choice.get("finish_reason"), 0)  # fmt: skip
+                    delta = GenerationDelta(
+                        choice["delta"].get("content") or "", 1, choice.get("finish_reason"), 0
+                    )
                     if delta.finish_reason is None:
                         tokens_so_far += 1
                         yield delta
@@ -180,7 +188,13 @@ def _upstream_error(name: str, response: httpx.Response, payload: bytes) -> Exce
     status = response.status_code
     if 400 <= status < 500:
         headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
-        return RequestError(f"fallback {name}: {message}", status_code=status,
-                            code=str(code or "fallback_rejected"), param=param, headers=headers)  # fmt: skip
-    return EngineError(f"fallback {name} answered {status}: {message}", status_code=503,
-                       code="fallback_failed")  # fmt: skip
+        return RequestError(
+            f"fallback {name}: {message}",
+            status_code=status,
+            code=str(code or "fallback_rejected"),
+            param=param,
+            headers=headers,
+        )
+    return EngineError(
+        f"fallback {name} answered {status}: {message}", status_code=503, code="fallback_failed"
+    )

@@ -88,16 +88,22 @@ class Router:
             if not self._refresh(load):
                 return Route(load.name, load.name != requested)
         if not allow_fallback:
-            raise self._reject(requested, "saturated_strict",
-                               f"model {requested!r} is saturated and the request forbids fallback")  # fmt: skip
+            raise self._reject(
+                requested,
+                "saturated_strict",
+                f"model {requested!r} is saturated and the request forbids fallback",
+            )
         # Bounded waiting: queue where the wait is expected to be shortest (queue length per
         # running slot), so a large fallback drains overflow instead of the small primary.
         open_queues = [load for load in loads if not load.full]
         if open_queues:
             load = min(open_queues, key=lambda q: (q.waiting + 1) / q.policy.max_running_requests)
             return Route(load.name, load.name != requested)
-        raise self._reject(requested, "queue_full",
-                           f"model {requested!r} and its fallbacks are saturated and their queues are full")  # fmt: skip
+        raise self._reject(
+            requested,
+            "queue_full",
+            f"model {requested!r} and its fallbacks are saturated and their queues are full",
+        )
 
     def admit(self, name: str) -> None:
         self.loads[name].in_flight += 1
@@ -115,6 +121,9 @@ class Router:
     def _reject(self, model: str, reason: str, message: str) -> RequestError:
         return RequestError(
             f"{message}; retry after {self.retry_after_s}s",
-            status_code=429, code=reason, error_type="rate_limit_error", param="model",
+            status_code=429,
+            code=reason,
+            error_type="rate_limit_error",
+            param="model",
             headers={"Retry-After": str(self.retry_after_s)},
-        )  # fmt: skip
+        )

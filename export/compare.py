@@ -36,10 +36,17 @@ def prompts(count: int = NUM_PROMPTS) -> list[list[dict]]:
     for i in range(count):
         image = encode_image(draw_image("product", (224, 224), seed=10_000 + i), "png")
         url = "data:image/png;base64," + base64.b64encode(image).decode()
-        chats.append([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
-        ]}])  # fmt: skip
+        chats.append(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+                    ],
+                }
+            ]
+        )
     return chats
 
 
@@ -50,8 +57,15 @@ def _score(model_dir: str, chats: list, tokens: int) -> list[dict]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, max_model_len=2048, max_num_seqs=8, seed=0, enforce_eager=True,
-              limit_mm_per_prompt={"image": 1, "video": 0}, max_logprobs=TOP_K)  # fmt: skip
+    llm = LLM(
+        model=model_dir,
+        max_model_len=2048,
+        max_num_seqs=8,
+        seed=0,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        max_logprobs=TOP_K,
+    )
     params = SamplingParams(max_tokens=tokens, temperature=0.0, logprobs=TOP_K, ignore_eos=True)
     results = []
     for output in llm.chat(chats, params, use_tqdm=False):
@@ -67,11 +81,18 @@ def run_model(model_dir: Path, chats: list, tokens: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"model": str(model_dir), "chats": chats, "tokens": tokens}))
-        code = ("import json, sys; from export.compare import _score; "
-                "j = json.load(open(sys.argv[1])); "
-                "json.dump(_score(j['model'], j['chats'], j['tokens']), open(sys.argv[2], 'w'))")  # fmt: skip
-        subprocess.run([sys.executable, "-c", code, str(job), str(result)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)  # fmt: skip
+        code = (
+            "import json, sys; from export.compare import _score; "
+            "j = json.load(open(sys.argv[1])); "
+            "json.dump(_score(j['model'], j['chats'], j['tokens']), open(sys.argv[2], 'w'))"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(job), str(result)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=900,
+        )
         return json.loads(result.read_text())
 
 
@@ -92,25 +113,44 @@ def score(base: list[dict], variant: list[dict]) -> dict:
     for b, v in zip(base, variant, strict=True):
         same = [x == y for x, y in zip(b["tokens"], v["tokens"], strict=False)]
         first_diff = same.index(False) if False in same else len(same)
-        prompt_kls = [kl_divergence(b["logprobs"][i], v["logprobs"][i])
-                      for i in range(min(first_diff + 1, len(same)))]  # fmt: skip
+        prompt_kls = [
+            kl_divergence(b["logprobs"][i], v["logprobs"][i])
+            for i in range(min(first_diff + 1, len(same)))
+        ]
         agree, total = agree + sum(same), total + len(same)
         kls += prompt_kls
-        per_prompt.append({"agreement": sum(same) / len(same), "first_difference": first_diff,
-                           "mean_kl": sum(prompt_kls) / len(prompt_kls)})  # fmt: skip
-    return {"greedy_token_agreement": agree / total, "mean_kl": sum(kls) / len(kls),
-            "prompts": per_prompt}  # fmt: skip
+        per_prompt.append(
+            {
+                "agreement": sum(same) / len(same),
+                "first_difference": first_diff,
+                "mean_kl": sum(prompt_kls) / len(prompt_kls),
+            }
+        )
+    return {
+        "greedy_token_agreement": agree / total,
+        "mean_kl": sum(kls) / len(kls),
+        "prompts": per_prompt,
+    }
 
 
-def compare(base_dir: Path, variant_dir: Path, tokens: int = 32, min_agreement: float = 0.9,
-            max_kl: float = 0.05, out: Path | None = None) -> dict:  # fmt: skip
+def compare(
+    base_dir: Path,
+    variant_dir: Path,
+    tokens: int = 32,
+    min_agreement: float = 0.9,
+    max_kl: float = 0.05,
+    out: Path | None = None,
+) -> dict:
     chats = prompts()
     result = score(run_model(base_dir, chats, tokens), run_model(variant_dir, chats, tokens))
     result |= {
-        "base": str(base_dir), "variant": str(variant_dir), "tokens": tokens, "top_k": TOP_K,
+        "base": str(base_dir),
+        "variant": str(variant_dir),
+        "tokens": tokens,
+        "top_k": TOP_K,
         "thresholds": {"min_agreement": min_agreement, "max_kl": max_kl},
         "passed": result["greedy_token_agreement"] >= min_agreement and result["mean_kl"] <= max_kl,
-    }  # fmt: skip
+    }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
@@ -120,11 +160,15 @@ def compare(base_dir: Path, variant_dir: Path, tokens: int = 32, min_agreement: 
 def table(result: dict) -> str:
     t = result["thresholds"]
     lines = [
-        "| prompt | greedy agreement | first difference | mean KL |", "|---|---|---|---|",
-        *(f"| {i} | {p['agreement']:.2f} | {p['first_difference']} | {p['mean_kl']:.4f} |"
-          for i, p in enumerate(result["prompts"])),
+        "| prompt | greedy agreement | first difference | mean KL |",
+        "|---|---|---|---|",
+        *(
+            f"| {i} | {p['agreement']:.2f} | {p['first_difference']} | {p['mean_kl']:.4f} |"
+            for i, p in enumerate(result["prompts"])
+        ),
         f"| **all** | **{result['greedy_token_agreement']:.3f}** (>= {t['min_agreement']}) | "
         f"| **{result['mean_kl']:.4f}** (<= {t['max_kl']}) |",
-        "", f"{'PASS' if result['passed'] else 'FAIL'}: {result['variant']} vs {result['base']}",
-    ]  # fmt: skip
+        "",
+        f"{'PASS' if result['passed'] else 'FAIL'}: {result['variant']} vs {result['base']}",
+    ]
     return "\n".join(lines)

@@ -48,15 +48,22 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(out_dir: Path, source: Path, scheme: str, ignore: list[str],
-                   group_size: int | None, **extra) -> dict:  # fmt: skip
+def write_manifest(
+    out_dir: Path, source: Path, scheme: str, ignore: list[str], group_size: int | None, **extra
+) -> dict:
     files = file_table(out_dir)
     manifest = {
-        "source_model": str(source), "source_sha256": directory_hash(source),
-        "scheme": scheme, "ignore": ignore, "group_size": group_size,
-        "format": "compressed-tensors", "tool_versions": _versions(), **extra,
-        "total_bytes": sum(f["bytes"] for f in files.values()), "files": files,
-    }  # fmt: skip
+        "source_model": str(source),
+        "source_sha256": directory_hash(source),
+        "scheme": scheme,
+        "ignore": ignore,
+        "group_size": group_size,
+        "format": "compressed-tensors",
+        "tool_versions": _versions(),
+        **extra,
+        "total_bytes": sum(f["bytes"] for f in files.values()),
+        "files": files,
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -67,6 +74,9 @@ def verify_manifest(directory: Path) -> list[str]:
     actual = file_table(directory)
     problems = [f"missing: {name}" for name in recorded.keys() - actual.keys()]
     problems += [f"not in manifest: {name}" for name in actual.keys() - recorded.keys()]
-    problems += [f"changed: {name}" for name in recorded.keys() & actual.keys()
-                 if recorded[name] != actual[name]]  # fmt: skip
+    problems += [
+        f"changed: {name}"
+        for name in recorded.keys() & actual.keys()
+        if recorded[name] != actual[name]
+    ]
     return sorted(problems)

@@ -34,8 +34,10 @@ def _weight_qparams(module, args) -> None:
     weight = module.weight.detach().float()
     if args.group_size:
         if weight.shape[1] % args.group_size:
-            raise ValueError(f"{weight.shape[1]} input features do not split into groups of "
-                             f"{args.group_size}; pass a smaller --group-size")  # fmt: skip
+            raise ValueError(
+                f"{weight.shape[1]} input features do not split into groups of "
+                f"{args.group_size}; pass a smaller --group-size"
+            )
         grouped = weight.reshape(weight.shape[0], -1, args.group_size)
         low, high = grouped.amin(dim=2), grouped.amax(dim=2)
     else:
@@ -87,10 +89,25 @@ def quantize(model_dir: Path, scheme: str, out_dir: Path, group_size: int | None
     model.save_pretrained(out_dir)
     compressor.update_config(out_dir)
     for path in Path(model_dir).iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_FILES) and path.name not in (
-            "config.json", "model.safetensors.index.json", "manifest.json", "COMPLETE",
-        ):  # fmt: skip
+        if (
+            path.is_file()
+            and not path.name.endswith(WEIGHT_FILES)
+            and path.name
+            not in (
+                "config.json",
+                "model.safetensors.index.json",
+                "manifest.json",
+                "COMPLETE",
+            )
+        ):
             shutil.copy2(path, out_dir / path.name)
-    write_manifest(out_dir, Path(model_dir), scheme, IGNORE, preset.weights.group_size,
-                   quantized_layers=quantized, seconds=time.perf_counter() - started)  # fmt: skip
+    write_manifest(
+        out_dir,
+        Path(model_dir),
+        scheme,
+        IGNORE,
+        preset.weights.group_size,
+        quantized_layers=quantized,
+        seconds=time.perf_counter() - started,
+    )
     return out_dir

@@ -47,17 +47,28 @@ def serve_config(profile_path: Path) -> dict:
         deployments.append({"name": name, **options})
     return {
         "http_options": {"host": "0.0.0.0", "port": config.server.port},
-        "applications": [{
-            "name": APP_NAME, "route_prefix": "/", "import_path": "engine.app:app_builder",
-            "args": {"profile": profile}, "deployments": deployments,
-        }],
-    }  # fmt: skip
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "engine.app:app_builder",
+                "args": {"profile": profile},
+                "deployments": deployments,
+            }
+        ],
+    }
 
 
 # The restricted Pod Security profile; KubeRay copies the Ray container's securityContext into
 # the init container it injects (wait-gcs-ready).
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 POD_LABELS = {"app.kubernetes.io/name": "qwen3vl-ray"}  # the overlay's NetworkPolicy selects these
 
@@ -67,29 +78,46 @@ def _container(name: str, resources: dict, env: list[dict], gpu: bool) -> dict:
         {"name": "model-cache", "mountPath": "/models"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    container = {"name": name, "image": "qwen3vl-serve", "resources": resources, "env": env,
-                 "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts}  # fmt: skip
+    container = {
+        "name": name,
+        "image": "qwen3vl-serve",
+        "resources": resources,
+        "env": env,
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": mounts,
+    }
     if not gpu:
-        container["ports"] = [{"containerPort": 6379, "name": "gcs"},
-                              {"containerPort": 8265, "name": "dashboard"},
-                              {"containerPort": 8000, "name": "serve"},
-                              {"containerPort": 10001, "name": "client"}]  # fmt: skip
+        container["ports"] = [
+            {"containerPort": 6379, "name": "gcs"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": 8000, "name": "serve"},
+            {"containerPort": 10001, "name": "client"},
+        ]
     return container
 
 
 def _wait_for_weights() -> dict:
     """The init container that waits for the weights Job (k8s/base/cache); downloads nothing."""
     return {
-        "name": "wait-for-weights", "image": "qwen3vl-serve",
+        "name": "wait-for-weights",
+        "image": "qwen3vl-serve",
         "command": ["python3", "/opt/qwen3vl-weights/weights.py", "wait"],
-        "env": [{"name": "HF_HOME", "value": "/models"}, {"name": "HF_HUB_OFFLINE", "value": "1"},
-                # replaced from ConfigMap qwen3vl-weights by the overlay's kustomization
-                {"name": "QWEN3VL_WEIGHTS", "value": "set-by-kustomize"}],
+        "env": [
+            {"name": "HF_HOME", "value": "/models"},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            # replaced from ConfigMap qwen3vl-weights by the overlay's kustomization
+            {"name": "QWEN3VL_WEIGHTS", "value": "set-by-kustomize"},
+        ],
         "securityContext": CONTAINER_SECURITY,
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
-        "volumeMounts": [{"name": "model-cache", "mountPath": "/models", "readOnly": True},
-                         {"name": "weights-script", "mountPath": "/opt/qwen3vl-weights", "readOnly": True}],
-    }  # fmt: skip
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": "/models", "readOnly": True},
+            {"name": "weights-script", "mountPath": "/opt/qwen3vl-weights", "readOnly": True},
+        ],
+    }
 
 
 def _pod(container: dict, role: str, grace_s: int, gpu: bool) -> dict:
@@ -111,10 +139,14 @@ def _pod(container: dict, role: str, grace_s: int, gpu: bool) -> dict:
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
         spec["topologySpreadConstraints"] = [
-            {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
-             "labelSelector": {"matchLabels": labels}}
+            {
+                "maxSkew": 1,
+                "topologyKey": key,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": labels},
+            }
             for key in ("topology.kubernetes.io/zone", "kubernetes.io/hostname")
-        ]  # fmt: skip
+        ]
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
@@ -122,14 +154,26 @@ def rayservice(profile_path: Path) -> dict:
     config = load_config(profile_path)
     env = [{"name": k, "value": v} for k, v in sorted(config.serve_env().items())]
     env += [{"name": "HF_HOME", "value": "/models"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
-    max_gpus = sum((m.autoscaling_config or {}).get("max_replicas", m.num_replicas)
-                   for m in config.models)  # fmt: skip
+    max_gpus = sum(
+        (m.autoscaling_config or {}).get("max_replicas", m.num_replicas) for m in config.models
+    )
     # An upper bound, as for the Deployments: the longest request may finish, plus a margin.
     grace_s = int(config.drain_timeout_s) + 60
-    head = _container("ray-head", {"requests": {"cpu": "4", "memory": "16Gi"},
-                                   "limits": {"memory": "16Gi"}}, env, gpu=False)  # fmt: skip
-    worker = _container("ray-worker", {"requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
-                                       "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"}}, env, gpu=True)  # fmt: skip
+    head = _container(
+        "ray-head",
+        {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}},
+        env,
+        gpu=False,
+    )
+    worker = _container(
+        "ray-worker",
+        {
+            "requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"},
+        },
+        env,
+        gpu=True,
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -151,13 +195,19 @@ def rayservice(profile_path: Path) -> dict:
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
                     "template": _pod(head, "head", grace_s, gpu=False),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "gpu", "replicas": 3, "minReplicas": 3, "maxReplicas": max_gpus,
-                    "rayStartParams": {}, "template": _pod(worker, "gpu-worker", grace_s, gpu=True),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu",
+                        "replicas": 3,
+                        "minReplicas": 3,
+                        "maxReplicas": max_gpus,
+                        "rayStartParams": {},
+                        "template": _pod(worker, "gpu-worker", grace_s, gpu=True),
+                    }
+                ],
             },
         },
-    }  # fmt: skip
+    }
 
 
 class _BlockDumper(yaml.SafeDumper):

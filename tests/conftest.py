@@ -68,10 +68,12 @@ def server(tmp_path_factory, image_host) -> LiveServer:
     fallback["engine_kwargs"]["max_num_seqs"] = FALLBACK_SEQS
     fallback["saturation"]["max_queued_requests"] = FALLBACK_QUEUE
     profile["images"] = {
-        "max_images_per_request": 2, "allowed_url_hosts": ["localhost"],
-        "allowed_url_schemes": ["http"], "allowed_url_ports": [image_host.server_port],
+        "max_images_per_request": 2,
+        "allowed_url_hosts": ["localhost"],
+        "allowed_url_schemes": ["http"],
+        "allowed_url_ports": [image_host.server_port],
         "allow_private_addresses": True,
-    }  # fmt: skip
+    }
     profile["server"]["port"] = free_port()
     profile["admission"]["ttft_slo_s"] = TTFT_SLO_S
     config_path = tmp / "profile.yaml"

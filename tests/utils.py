@@ -25,9 +25,13 @@ class LiveServer(ServerProcess):
 
     def __init__(self, config_path: Path, port: int, log_path: Path, timeout_s: float = 900):
         self.instance = uuid.uuid4().hex  # every process of this server carries it
-        super().__init__(["nice", "-n", "5", *engine_command(config_path)],
-                         f"http://127.0.0.1:{port}", log_path, timeout_s=timeout_s,
-                         env={"QWEN3VL_INSTANCE": self.instance})  # fmt: skip
+        super().__init__(
+            ["nice", "-n", "5", *engine_command(config_path)],
+            f"http://127.0.0.1:{port}",
+            log_path,
+            timeout_s=timeout_s,
+            env={"QWEN3VL_INSTANCE": self.instance},
+        )
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:
@@ -57,9 +61,11 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
-    )  # fmt: skip
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_message(url: str, text: str = "Describe the product in this picture.") -> list[dict]:

@@ -30,8 +30,13 @@ def _fake(tmp: Path, *options: str) -> ServerProcess:
 
 
 def _bench(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "bench", *args, "--no-progress"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -39,16 +44,43 @@ def _bench(*args: str) -> None:
 def timed_server(tmp_path_factory):
     """TTFT 100 ms, then a token every 20 ms; every 5th request 429; served as a, b, a, ..."""
     tmp = tmp_path_factory.mktemp("fake")
-    with _fake(tmp, "--ttft-ms", str(TTFT_MS), "--itl-ms", str(ITL_MS), "--served-models",
-               "model-a,model-b", "--error-every", "5") as server:  # fmt: skip
+    with _fake(
+        tmp,
+        "--ttft-ms",
+        str(TTFT_MS),
+        "--itl-ms",
+        str(ITL_MS),
+        "--served-models",
+        "model-a,model-b",
+        "--error-every",
+        "5",
+    ) as server:
         yield server
 
 
 def test_run_cli_measures_the_known_timing_and_counts_exactly(timed_server, tmp_path):
     out = tmp_path / "run"
-    _bench("run", "--url", timed_server.base_url, "--model", "m", "--profile", "concurrency:4",
-           "--workload", "text", "--num-requests", "20", "--output-tokens", str(TOKENS),
-           "--warmup", "0", "--slo", "ttft_ms=1000", "--out", str(out))  # fmt: skip
+    _bench(
+        "run",
+        "--url",
+        timed_server.base_url,
+        "--model",
+        "m",
+        "--profile",
+        "concurrency:4",
+        "--workload",
+        "text",
+        "--num-requests",
+        "20",
+        "--output-tokens",
+        str(TOKENS),
+        "--warmup",
+        "0",
+        "--slo",
+        "ttft_ms=1000",
+        "--out",
+        str(out),
+    )
     (stage,) = json.loads((out / "summary.json").read_text())["stages"]
     assert (stage["requests"], stage["completed"], stage["failed"]) == (20, 16, 4)
     assert stage["errors_by_status"] == {"429": 4}
@@ -76,8 +108,9 @@ def test_closed_loop_keeps_exactly_n_requests_in_flight(timed_server):
             return await client.run_stage(next(Concurrency(3).stages(12)), specs, progress=False)
 
     records, _ = run_async(go())
-    events = sorted([(r.send_offset_s, 1) for r in records]
-                    + [(r.done_offset_s, -1) for r in records])  # fmt: skip
+    events = sorted(
+        [(r.send_offset_s, 1) for r in records] + [(r.done_offset_s, -1) for r in records]
+    )
     in_flight = peak = 0
     for _, step in events:
         in_flight += step
@@ -101,9 +134,25 @@ def test_open_loop_sends_on_the_profile_schedule(timed_server):
 
 def test_compare_puts_runs_side_by_side_with_ratios(timed_server, tmp_path):
     for name, concurrency in (("slow", 1), ("fast", 4)):
-        _bench("run", "--url", timed_server.base_url, "--model", "m", "--profile",
-               f"concurrency:{concurrency}", "--workload", "text", "--num-requests", "8",
-               "--output-tokens", "4", "--warmup", "0", "--out", str(tmp_path / name))  # fmt: skip
+        _bench(
+            "run",
+            "--url",
+            timed_server.base_url,
+            "--model",
+            "m",
+            "--profile",
+            f"concurrency:{concurrency}",
+            "--workload",
+            "text",
+            "--num-requests",
+            "8",
+            "--output-tokens",
+            "4",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / name),
+        )
     table = compare_runs([tmp_path / "slow", tmp_path / "fast"], tmp_path / "cmp", baseline="slow")
     slow, fast = read_run(tmp_path / "slow").stages[0], read_run(tmp_path / "fast").stages[0]
     ratio = fast["request_throughput"] / slow["request_throughput"]
@@ -121,8 +170,9 @@ def test_harness_sustains_over_500_streamed_requests_per_second(tmp_path):
         async def go():
             async with StreamingClient(server.base_url) as client:
                 started = time.perf_counter()
-                records, _ = await client.run_stage(next(Concurrency(128).stages(2000)), specs,
-                                                    progress=False)  # fmt: skip
+                records, _ = await client.run_stage(
+                    next(Concurrency(128).stages(2000)), specs, progress=False
+                )
                 return records, time.perf_counter() - started
 
         records, elapsed = run_async(go())
@@ -133,9 +183,25 @@ def test_harness_sustains_over_500_streamed_requests_per_second(tmp_path):
 @pytest.mark.slow
 def test_short_real_run_against_the_tiny_model_server(server, tmp_path):
     out = tmp_path / "real"
-    _bench("run", "--url", server.base_url, "--model", "qwen3-vl-tiny", "--profile",
-           "concurrency:2", "--workload", "product:size=256x256", "--num-requests", "6",
-           "--output-tokens", "8", "--warmup", "1", "--out", str(out))  # fmt: skip
+    _bench(
+        "run",
+        "--url",
+        server.base_url,
+        "--model",
+        "qwen3-vl-tiny",
+        "--profile",
+        "concurrency:2",
+        "--workload",
+        "product:size=256x256",
+        "--num-requests",
+        "6",
+        "--output-tokens",
+        "8",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    )
     (stage,) = read_run(out).stages
     assert (stage["completed"], stage["failed"]) == (6, 0)
     assert stage["total_output_tokens"] == 48  # ignore_eos: exactly 8 each
@@ -154,13 +220,18 @@ def test_compare_launches_a_variant_with_the_engine_cli_and_compares_it(server, 
     profile_path.write_text(yaml.safe_dump(profile))
     spec = {
         "baseline": "session",
-        "run": {"profile": "concurrency:2", "workload": "product:size=128x128",
-                "num_requests": 4, "output_tokens": "4", "warmup": 1},
+        "run": {
+            "profile": "concurrency:2",
+            "workload": "product:size=128x128",
+            "num_requests": 4,
+            "output_tokens": "4",
+            "warmup": 1,
+        },
         "variants": [
             {"name": "session", "url": server.base_url, "model": "qwen3-vl-tiny"},
             {"name": "launched", "config": str(profile_path)},
         ],
-    }  # fmt: skip
+    }
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump(spec))
     _bench("compare", str(path), "--out", str(tmp_path / "cmp"))

@@ -42,9 +42,13 @@ def test_image_chat_returns_text_and_usage(client):
 
 def test_streaming_yields_chunks_and_final_usage(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=image_message(PNG_URL), max_tokens=10, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=MODEL,
+        messages=image_message(PNG_URL),
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     content = [c for c in chunks if c.choices]
     assert len(content) >= 2
@@ -76,17 +80,23 @@ def test_seed_makes_sampling_repeatable(client):
     )
     first = client.chat.completions.create(**kwargs, seed=7).choices[0].message.content
     second = client.chat.completions.create(**kwargs, seed=7).choices[0].message.content
-    others = {client.chat.completions.create(**kwargs, seed=s).choices[0].message.content
-              for s in (8, 9, 10)}  # fmt: skip
+    others = {
+        client.chat.completions.create(**kwargs, seed=s).choices[0].message.content
+        for s in (8, 9, 10)
+    }
     assert first == second
     assert others != {first}, "different seeds should not all give the seed-7 text"
 
 
 def test_stop_string_ends_generation(client):
     kwargs = dict(
-        model=MODEL, messages=image_message(PNG_URL), max_tokens=24, temperature=1.0, seed=5,
+        model=MODEL,
+        messages=image_message(PNG_URL),
+        max_tokens=24,
+        temperature=1.0,
+        seed=5,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     text = client.chat.completions.create(**kwargs).choices[0].message.content
     stop = next(
         text[i : i + 2]
@@ -151,8 +161,12 @@ def test_allow_listed_image_url_is_fetched(client, image_host):
 
 
 def _chat_body(stream: bool = False) -> dict:
-    return {"model": MODEL, "max_tokens": 4, "stream": stream,
-            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    return {
+        "model": MODEL,
+        "max_tokens": 4,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
 
 
 def test_one_request_id_per_response_equal_to_the_body_id(server):
@@ -166,8 +180,13 @@ def test_one_request_id_per_response_equal_to_the_body_id(server):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_request_id_is_echoed_in_the_header_the_body_and_the_access_log(server, stream):
     sent = f"trace-{stream}-{uuid.uuid4().hex}"
-    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=_chat_body(stream),
-                      headers={"x-request-id": sent}, timeout=60) as response:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/v1/chat/completions",
+        json=_chat_body(stream),
+        headers={"x-request-id": sent},
+        timeout=60,
+    ) as response:
         text = response.read().decode()
     assert response.status_code == 200
     assert response.headers.get_list("x-request-id") == [sent]
@@ -183,8 +202,12 @@ def test_a_client_request_id_is_echoed_in_the_header_the_body_and_the_access_log
 
 @pytest.mark.parametrize("bad", ["x" * 129, "has space", 'quote"d', "semi;colon"])
 def test_an_unsafe_request_id_is_a_400_naming_the_header(server, bad):
-    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat_body(),
-                          headers={"x-request-id": bad}, timeout=60)  # fmt: skip
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json=_chat_body(),
+        headers={"x-request-id": bad},
+        timeout=60,
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("invalid_header", "x-request-id")

@@ -34,6 +34,9 @@ def test_hpa_adapter_and_keda_metrics_are_exported(server):
     names = _scaling_metric_names()
     assert {"qwen3vl_pod_in_flight_requests", "vllm:kv_cache_usage_perc"} <= names
     text = httpx.get(server.base_url + "/metrics", timeout=30).text
-    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                if line and not line.startswith("#")}  # fmt: skip
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert names <= exported, f"not exported: {names - exported}"

@@ -29,8 +29,10 @@ FORMATS = {
 def variants(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     base = ensure_model("tiny")
-    return base, {scheme: quantize(base, scheme, root / scheme, group_size=32 if scheme == "w4a16" else None)
-                  for scheme in FORMATS}  # fmt: skip
+    return base, {
+        scheme: quantize(base, scheme, root / scheme, group_size=32 if scheme == "w4a16" else None)
+        for scheme in FORMATS
+    }
 
 
 @pytest.mark.parametrize("scheme", sorted(FORMATS))
@@ -110,8 +112,15 @@ def test_compare_passes_the_real_variant_and_fails_a_corrupted_one(variants, tmp
     assert real["greedy_token_agreement"] >= 0.9 and real["mean_kl"] <= 0.05
     assert broken["greedy_token_agreement"] < 0.5
     assert broken["mean_kl"] > 10 * real["mean_kl"]
-    rendered = table({**real, "thresholds": {"min_agreement": 0.9, "max_kl": 0.05},
-                      "passed": True, "variant": "v", "base": "b"})  # fmt: skip
+    rendered = table(
+        {
+            **real,
+            "thresholds": {"min_agreement": 0.9, "max_kl": 0.05},
+            "passed": True,
+            "variant": "v",
+            "base": "b",
+        }
+    )
     assert "PASS: v vs b" in rendered and len(rendered.splitlines()) == 2 + len(chats) + 3
 
 
@@ -120,14 +129,22 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
     from openai import OpenAI
 
     port = free_port()
-    model = {"engine_kwargs": {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 4,
-                               "limit_mm_per_prompt": {"image": 1, "video": 0}},
-             "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}  # fmt: skip
+    model = {
+        "engine_kwargs": {
+            "dtype": "bfloat16",
+            "max_model_len": 2048,
+            "max_num_seqs": 4,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+        },
+        "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+    }
     profile = {
-        "models": [{"name": "tiny-int8", "model": "generated:tiny+w8a8-int8", **model},
-                   {"name": "tiny-w4a16", "model": "generated:tiny+w4a16", **model}],
+        "models": [
+            {"name": "tiny-int8", "model": "generated:tiny+w8a8-int8", **model},
+            {"name": "tiny-w4a16", "model": "generated:tiny+w4a16", **model},
+        ],
         "server": {"port": port},  # a second server next to the session's (direct ingress)
-    }  # fmt: skip
+    }
     path = tmp_path / "variants.yaml"
     path.write_text(yaml.safe_dump(profile))
     with ServerProcess(
@@ -136,7 +153,11 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
         client = OpenAI(base_url=server.base_url + "/v1", api_key="-", max_retries=0, timeout=120)
         url = data_url(encode(noise_image(128, 128, seed=3)))
         for name in ("tiny-int8", "tiny-w4a16"):
-            reply = client.chat.completions.create(model=name, messages=image_message(url),
-                                                   max_tokens=8, extra_body={"ignore_eos": True})  # fmt: skip
+            reply = client.chat.completions.create(
+                model=name,
+                messages=image_message(url),
+                max_tokens=8,
+                extra_body={"ignore_eos": True},
+            )
             assert reply.model == name and reply.usage.completion_tokens == 8
             assert reply.usage.prompt_tokens > 16  # the image's tokens are in the prompt

@@ -34,8 +34,13 @@ BURST_TOKENS = 1000  # long enough that a whole burst is in flight at once
 
 
 def _body(max_tokens: int = 48, **extra) -> dict:
-    return {"model": MODEL, "messages": image_message(URL), "max_tokens": max_tokens,
-            "ignore_eos": True, **extra}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": image_message(URL),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def _samples(base_url: str) -> dict[tuple[str, tuple], float]:
@@ -48,8 +53,11 @@ def _samples(base_url: str) -> dict[tuple[str, tuple], float]:
 
 
 def _value(samples, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and all(dict(ls).get(k) == val for k, val in labels.items()))  # fmt: skip
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == val for k, val in labels.items())
+    )
 
 
 def _wait_idle(base_url: str, timeout_s: float = 60) -> None:
@@ -66,8 +74,9 @@ def _wait_idle(base_url: str, timeout_s: float = 60) -> None:
 
 
 async def _burst(base_url: str, n_normal: int, n_strict: int) -> tuple[list, list]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=300,
-                                 limits=httpx.Limits(max_connections=200)) as http:  # fmt: skip
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=300, limits=httpx.Limits(max_connections=200)
+    ) as http:
 
         async def send(strict: bool):
             headers = {"x-allow-fallback": "false"} if strict else {}
@@ -99,19 +108,26 @@ def test_burst_overflows_to_fallback_and_strict_requests_get_429(server):
     _wait_idle(server.base_url)
     after = _samples(server.base_url)
     fallbacks = _value(after, "qwen3vl_fallbacks_total", served_model=FALLBACK) - _value(
-        before, "qwen3vl_fallbacks_total", served_model=FALLBACK)  # fmt: skip
+        before, "qwen3vl_fallbacks_total", served_model=FALLBACK
+    )
     assert fallbacks == served.count(FALLBACK)
     strict_429 = _value(after, "qwen3vl_rejections_total", reason="saturated_strict") - _value(
-        before, "qwen3vl_rejections_total", reason="saturated_strict")  # fmt: skip
+        before, "qwen3vl_rejections_total", reason="saturated_strict"
+    )
     assert strict_429 == len(rejected)
-    served_ok = _value(after, "qwen3vl_requests_total", served_model=FALLBACK, status="200") - _value(
-        before, "qwen3vl_requests_total", served_model=FALLBACK, status="200")  # fmt: skip
+    served_ok = _value(
+        after, "qwen3vl_requests_total", served_model=FALLBACK, status="200"
+    ) - _value(before, "qwen3vl_requests_total", served_model=FALLBACK, status="200")
     assert served_ok == served.count(FALLBACK)
     assert _value(after, "qwen3vl_model_saturated", model=MODEL) == 0
 
     # The burst is over: routing is back on the primary, even for strict requests.
-    again = httpx.post(server.base_url + "/v1/chat/completions", json=_body(4),
-                       headers={"x-allow-fallback": "false"}, timeout=60)  # fmt: skip
+    again = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json=_body(4),
+        headers={"x-allow-fallback": "false"},
+        timeout=60,
+    )
     assert again.status_code == 200 and again.headers["x-served-model"] == MODEL
 
 
@@ -121,16 +137,18 @@ def test_full_queues_give_429_with_retry_after_never_5xx(server):
     statuses = [status for status, _, _ in normal]
     assert all(s in (200, 429) for s in statuses), statuses
     refused = [(h, b) for s, h, b in normal if s == 429]
-    assert refused and all(b["error"]["code"] == "queue_full" and h["retry-after"] == "1"
-                           for h, b in refused)  # fmt: skip
+    assert refused and all(
+        b["error"]["code"] == "queue_full" and h["retry-after"] == "1" for h, b in refused
+    )
     assert statuses.count(200) >= CAPACITY - 4
     _wait_idle(server.base_url)
 
 
 def test_strict_mode_by_body_field(server):
     _wait_idle(server.base_url)
-    response = httpx.post(server.base_url + "/v1/chat/completions",
-                          json=_body(4, allow_fallback=False), timeout=60)  # fmt: skip
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions", json=_body(4, allow_fallback=False), timeout=60
+    )
     assert response.status_code == 200 and response.json()["model"] == MODEL
 
 
@@ -174,9 +192,10 @@ def _send_raw(base_url: str, body: dict) -> socket.socket:
     host, port = base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     payload = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
-                 + payload)  # fmt: skip
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    )
     return sock
 
 
@@ -245,8 +264,12 @@ def test_deadline_header_gives_504_and_aborts(server):
     _wait_idle(server.base_url)
     generated_before = _generated(server.base_url)
     started = time.monotonic()
-    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(LONG, allow_fallback=False),
-                          headers={"x-request-timeout-s": "0.3"}, timeout=60)  # fmt: skip
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json=_body(LONG, allow_fallback=False),
+        headers={"x-request-timeout-s": "0.3"},
+        timeout=60,
+    )
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
     assert time.monotonic() - started < 10
@@ -254,8 +277,12 @@ def test_deadline_header_gives_504_and_aborts(server):
 
 
 def test_bad_deadline_header_is_a_400(server):
-    response = httpx.post(server.base_url + "/v1/chat/completions", json=_body(2),
-                          headers={"x-request-timeout-s": "soon"}, timeout=60)  # fmt: skip
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json=_body(2),
+        headers={"x-request-timeout-s": "soon"},
+        timeout=60,
+    )
     assert (
         response.status_code == 400 and response.json()["error"]["param"] == "x-request-timeout-s"
     )

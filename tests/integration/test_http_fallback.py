@@ -18,16 +18,26 @@ from engine.remote import HttpModel
 def tier(tmp_path_factory):
     """Every 3rd request is refused with 429, as a saturated strict tier would."""
     port = free_port()
-    command = [sys.executable, "-m", "bench.fake_server", "--port", str(port),
-               "--served-models", "small-vl", "--error-every", "3"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "bench.fake_server",
+        "--port",
+        str(port),
+        "--served-models",
+        "small-vl",
+        "--error-every",
+        "3",
+    ]
     log = tmp_path_factory.mktemp("tier") / "tier.log"
     with ServerProcess(command, f"http://127.0.0.1:{port}", log, timeout_s=30) as server:
         yield server
 
 
 def _request(max_tokens: int) -> ChatCompletionRequest:
-    return ChatCompletionRequest(model="big-vl", max_tokens=max_tokens,
-                                 messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    return ChatCompletionRequest(
+        model="big-vl", max_tokens=max_tokens, messages=[{"role": "user", "content": "hi"}]
+    )
 
 
 async def _serve(model: HttpModel, max_tokens: int) -> tuple[str, int, int, list[str | None]]:
@@ -73,8 +83,10 @@ def test_unreachable_tier_is_a_503_not_a_hang():
 
 
 def test_profile_takes_a_url_fallback_but_not_a_url_primary():
-    models = [{"name": "big", "model": "generated:tiny"},
-              {"name": "small", "url": "http://qwen3vl-fallback:8000"}]  # fmt: skip
+    models = [
+        {"name": "big", "model": "generated:tiny"},
+        {"name": "small", "url": "http://qwen3vl-fallback:8000"},
+    ]
     config = AppConfig.model_validate({"models": models})
     assert [m.url for m in config.fallbacks] == ["http://qwen3vl-fallback:8000"]
     with pytest.raises(ValueError, match="primary"):

@@ -42,9 +42,11 @@ def _start(port: int, tmp_path: Path) -> tuple[ServerProcess, str]:
     # niceness 5, as LiveServer (tests/utils.py): the busy-waiting engine must not delay
     # the test's own probes, whose timing is what is checked
     server = ServerProcess(
-        ["nice", "-n", "5", *engine_command(DEFAULT_PROFILE, port)], f"http://127.0.0.1:{port}",
-        tmp_path / f"server-{instance[:8]}.log", env={INSTANCE_ENV: instance},
-    )  # fmt: skip
+        ["nice", "-n", "5", *engine_command(DEFAULT_PROFILE, port)],
+        f"http://127.0.0.1:{port}",
+        tmp_path / f"server-{instance[:8]}.log",
+        env={INSTANCE_ENV: instance},
+    )
     return server, instance
 
 
@@ -64,8 +66,9 @@ def _groups(instance: str) -> set[int]:
     return {os.getpgid(pid) for pid in processes_of(instance)}
 
 
-def _assert_nothing_left(server: ServerProcess, instance: str, groups: set[int], port: int,
-                         sent: float) -> None:  # fmt: skip
+def _assert_nothing_left(
+    server: ServerProcess, instance: str, groups: set[int], port: int, sent: float
+) -> None:
     deadline = sent + GONE_WITHIN_S
     while time.monotonic() < deadline:
         done = server.proc.poll() is not None and not _server_processes(instance, groups)
@@ -74,21 +77,31 @@ def _assert_nothing_left(server: ServerProcess, instance: str, groups: set[int],
             return
         time.sleep(0.25)
     left = _server_processes(instance, groups)
-    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in left
-             if Path(f"/proc/{pid}").exists()}  # fmt: skip
+    names = {
+        pid: Path(f"/proc/{pid}/comm").read_text().strip()
+        for pid in left
+        if Path(f"/proc/{pid}").exists()
+    }
     server.stop(timeout_s=5)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
     on_port = [line for line in sockets.splitlines() if f":{port} " in line]
-    pytest.fail(f"{GONE_WITHIN_S}s after the signal: server exited={server.proc.poll()}, "
-                f"left {names}, port {port} free={_port_free(port)} {on_port}\n"
-                f"{server.log_tail()}")  # fmt: skip
+    pytest.fail(
+        f"{GONE_WITHIN_S}s after the signal: server exited={server.proc.poll()}, "
+        f"left {names}, port {port} free={_port_free(port)} {on_port}\n"
+        f"{server.log_tail()}"
+    )
 
 
 def _chat(stream: bool, max_tokens: int) -> dict:
-    return {"model": MODEL, "stream": stream, "max_tokens": max_tokens, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Count slowly."}]}  # fmt: skip
+    return {
+        "model": MODEL,
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Count slowly."}],
+    }
 
 
 def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothing(port, tmp_path):
@@ -97,8 +110,12 @@ def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothin
     first_event = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", f"{server.base_url}/v1/chat/completions",
-                          json=_chat(True, LONG_STREAM_TOKENS), timeout=120) as response:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            f"{server.base_url}/v1/chat/completions",
+            json=_chat(True, LONG_STREAM_TOKENS),
+            timeout=120,
+        ) as response:
             assert response.status_code == 200
             for line in response.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -123,8 +140,7 @@ def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothin
         health = httpx.get(f"{server.base_url}/health", timeout=10)
     assert health.status_code == 503, health.text
     assert time.monotonic() - sent < 2.0
-    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 4),
-                         timeout=10)  # fmt: skip
+    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 4), timeout=10)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     assert not events[-1].get("done"), "the stream ended before the drain could be observed"
@@ -139,8 +155,9 @@ def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothin
     assert server.proc.returncode == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
-                         ids=["sigterm", "sigint", "sigkill"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["sigterm", "sigint", "sigkill"]
+)
 def test_a_signal_to_the_server_process_leaves_nothing_and_the_port_restarts(sig, port, tmp_path):
     server, instance = _start(port, tmp_path)  # on the port the previous test's server used
     ok = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 8), timeout=60)
@@ -156,8 +173,9 @@ def test_the_port_serves_again_after_a_sigkill(port, tmp_path):
     server, instance = _start(port, tmp_path)
     groups = _groups(instance)
     try:
-        response = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 8),
-                              timeout=60)  # fmt: skip
+        response = httpx.post(
+            f"{server.base_url}/v1/chat/completions", json=_chat(False, 8), timeout=60
+        )
         assert response.status_code == 200
     finally:
         sent = time.monotonic()

@@ -15,8 +15,17 @@ def test_a_minute_at_twice_capacity_breaks_nothing(server):
     processes = server_processes(server.instance)
     assert set(processes) == {"replica", "engine"}, processes
     # The memory baseline after 30 s at full load: the multimodal caches are full by then.
-    report = soak(server.base_url, MODEL, PRIMARY_SEQS + FALLBACK_SEQS, TTFT_SLO_S, processes, duration_s=75,
-                  factor=2.0, output_tokens=32, warmup_s=30)  # fmt: skip
+    report = soak(
+        server.base_url,
+        MODEL,
+        PRIMARY_SEQS + FALLBACK_SEQS,
+        TTFT_SLO_S,
+        processes,
+        duration_s=75,
+        factor=2.0,
+        output_tokens=32,
+        warmup_s=30,
+    )
     summary = {k: report[k] for k in ("capacity_rps", "statuses", "p99_ttft_s", "rss_growth")}
     print("soak:", summary)
     assert report["passed"], (report["checks"], summary)

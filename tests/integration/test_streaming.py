@@ -24,8 +24,14 @@ URL = data_url(encode(noise_image(336, 336, seed=21), "JPEG"), "image/jpeg")
 
 async def _stream(http: httpx.AsyncClient, max_tokens: int, image_url: str = URL) -> dict:
     """One streaming request: its content events (arrival times) and its usage."""
-    body = {"model": MODEL, "messages": image_message(image_url), "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": image_message(image_url),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events, usage, served = [], None, None
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
@@ -44,8 +50,11 @@ async def _stream(http: httpx.AsyncClient, max_tokens: int, image_url: str = URL
 def _photo(i: int) -> Image.Image:
     """A 4000x3000 image that compresses well (gradients): small to send, costly to decode."""
     size = (4000, 3000)
-    bands = [Image.linear_gradient("L").resize(size), Image.radial_gradient("L").resize(size),
-             Image.linear_gradient("L").rotate(90).resize(size)]  # fmt: skip
+    bands = [
+        Image.linear_gradient("L").resize(size),
+        Image.radial_gradient("L").resize(size),
+        Image.linear_gradient("L").rotate(90).resize(size),
+    ]
     photo = Image.merge("RGB", bands)
     ImageDraw.Draw(photo).rectangle((100 * i, 100, 100 * i + 500, 600), fill=(40 * i, 80, 200))
     return photo
@@ -96,9 +105,13 @@ def test_phone_photos_being_decoded_do_not_pause_a_stream(server):
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as http:
             stream = asyncio.ensure_future(_stream(http, 400))
             await asyncio.sleep(0.5)  # the stream is under way
-            uploads = [http.post("/v1/chat/completions", json={
-                "model": MODEL, "messages": image_message(url), "max_tokens": 2})
-                for url in photos]  # fmt: skip
+            uploads = [
+                http.post(
+                    "/v1/chat/completions",
+                    json={"model": MODEL, "messages": image_message(url), "max_tokens": 2},
+                )
+                for url in photos
+            ]
             answers = await asyncio.gather(*uploads)
             return await stream, answers
 

@@ -34,9 +34,17 @@ def test_desired_replicas_follow_the_hpa_formula(current, ready, total, expected
 
 
 def _spec(**overrides) -> HpaSpec:
-    base = dict(min_replicas=2, max_replicas=16, target=100, up_window_s=0, down_window_s=300,
-                up_policies=(Policy("Percent", 100, 60), Policy("Pods", 4, 60)),
-                down_policies=(Policy("Pods", 1, 180),), up_select="Max", down_select="Min")  # fmt: skip
+    base = dict(
+        min_replicas=2,
+        max_replicas=16,
+        target=100,
+        up_window_s=0,
+        down_window_s=300,
+        up_policies=(Policy("Percent", 100, 60), Policy("Pods", 4, 60)),
+        down_policies=(Policy("Pods", 1, 180),),
+        up_select="Max",
+        down_select="Min",
+    )
     return HpaSpec(**(base | overrides))
 
 

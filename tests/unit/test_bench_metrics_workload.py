@@ -16,9 +16,18 @@ from bench.workload import QUESTIONS, build_requests, output_lengths
 
 def _ok(index: int, ttft: float, gap: float, tokens: int, model: str) -> RequestRecord:
     times = [ttft + i * gap for i in range(tokens)]
-    return RequestRecord(index, "s", "product", 0.0, status=200, served_model=model,
-                         ttft_s=ttft, latency_s=times[-1], token_times_s=times,
-                         output_tokens=tokens)  # fmt: skip
+    return RequestRecord(
+        index,
+        "s",
+        "product",
+        0.0,
+        status=200,
+        served_model=model,
+        ttft_s=ttft,
+        latency_s=times[-1],
+        token_times_s=times,
+        output_tokens=tokens,
+    )
 
 
 def test_summary_matches_hand_computed_values():
@@ -62,8 +71,12 @@ def _pixels(url: str) -> tuple[str, tuple[int, int], bytes]:
 
 def test_every_synthetic_image_is_unique_in_bytes_and_pixels():
     specs = build_requests("product+screenshot:size=96x160", "m", 8)
-    urls = [part["image_url"]["url"] for s in specs for part in s.body["messages"][0]["content"]
-            if part["type"] == "image_url"]  # fmt: skip
+    urls = [
+        part["image_url"]["url"]
+        for s in specs
+        for part in s.body["messages"][0]["content"]
+        if part["type"] == "image_url"
+    ]
     assert len(urls) == 8 and len(set(urls)) == 8
     decoded = [_pixels(url) for url in urls]
     assert len({pixels for _, _, pixels in decoded}) == 8
@@ -93,8 +106,10 @@ def test_questions_cover_chinese_and_english_and_output_lengths_are_configurable
 
 def test_jsonl_workload_replays_recorded_requests(tmp_path):
     path = tmp_path / "recorded.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "timestamp_s": 1},
-            {"messages": [{"role": "user", "content": "yo"}]}]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "timestamp_s": 1},
+        {"messages": [{"role": "user", "content": "yo"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     specs = build_requests(f"jsonl:{path}", "served", 3, ignore_eos=False)
     assert [s.body["messages"][0]["content"] for s in specs] == ["hi", "yo", "hi"]

@@ -20,8 +20,10 @@ def test_summary_counts_statuses_and_splits_ttft_by_served_model():
     assert summary["served_by_fallback_share"] == 5 / 8
     assert summary["p99_ttft_ms"] == 1002.0
     assert summary["by_served_model"]["fallback"] == {
-        "completed": 5, "p50_ttft_ms": 30.0, "p99_ttft_ms": 50.0,
-    }  # fmt: skip
+        "completed": 5,
+        "p50_ttft_ms": 30.0,
+        "p99_ttft_ms": 50.0,
+    }
     assert summary["by_served_model"]["primary"]["p50_ttft_ms"] == 1001.0
 
 

@@ -27,8 +27,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ("gpu-prod", "cpu-demo", "keda", "rayservice")
-PROFILES = {"gpu-prod": "configs/gpu-qwen3-vl-8b.yaml", "keda": "configs/gpu-qwen3-vl-8b.yaml",
-            "rayservice": "configs/gpu-qwen3-vl-8b.yaml", "cpu-demo": "configs/cpu-tiny-fallback.yaml"}  # fmt: skip
+PROFILES = {
+    "gpu-prod": "configs/gpu-qwen3-vl-8b.yaml",
+    "keda": "configs/gpu-qwen3-vl-8b.yaml",
+    "rayservice": "configs/gpu-qwen3-vl-8b.yaml",
+    "cpu-demo": "configs/cpu-tiny-fallback.yaml",
+}
 IMAGE_TAGS = {"gpu-prod": "gpu", "keda": "gpu", "rayservice": "gpu", "cpu-demo": "cpu"}  # = stage
 BIN = Path(sys.executable).parent
 CRD_KINDS = {"PodMonitor", "ScaledObject", "RayService"}
@@ -39,8 +43,9 @@ needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kube
 
 
 def _kustomize(path: Path) -> list[dict]:
-    out = subprocess.run(["kubectl", "kustomize", str(path)], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(path)], check=True, capture_output=True, text=True
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -89,8 +94,11 @@ def _profile(overlay: str):
     for service in _by_kind(objects, "RayService").values():
         (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
         assert app["args"]["profile"] == yaml.safe_load(path.read_text())
-    carried = [c["data"]["profile.yaml"] for c in _by_kind(objects, "ConfigMap").values()
-               if "profile.yaml" in c.get("data", {})]  # fmt: skip
+    carried = [
+        c["data"]["profile.yaml"]
+        for c in _by_kind(objects, "ConfigMap").values()
+        if "profile.yaml" in c.get("data", {})
+    ]
     assert all(text == path.read_text() for text in carried)
     assert carried or _by_kind(objects, "RayService")  # the pods' profile is one of the two
     return load_config(path)
@@ -110,77 +118,168 @@ def test_builtin_objects_validate_strictly(overlay):
 
 
 # The parts of the CRDs' OpenAPI schemas that these manifests use; unknown fields are errors.
-_SELECTOR = {"type": "object", "properties": {"matchLabels": {"type": "object"}},
-             "additionalProperties": False}  # fmt: skip
+_SELECTOR = {
+    "type": "object",
+    "properties": {"matchLabels": {"type": "object"}},
+    "additionalProperties": False,
+}
 CRD_SCHEMAS = {
     "PodMonitor": {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
-            "properties": {
-                "selector": _SELECTOR,
-                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "additionalProperties": False, "required": ["port"],
-                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                   "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
-                                   "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"}},
-                }},
-            },
-        }},
-    },
-    "ScaledObject": {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
-            "properties": {
-                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
-                                   "properties": {"name": {"type": "string"}}},
-                "minReplicaCount": {"type": "integer", "minimum": 0},
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
-                "advanced": {"type": "object", "additionalProperties": False, "properties": {
-                    "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
-                                                      "properties": {"behavior": {"type": "object"}}}}},
-                "triggers": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                    "properties": {"type": {"const": "prometheus"}, "name": {"type": "string"},
-                                   "metadata": {"type": "object", "additionalProperties": False,
-                                                "required": ["serverAddress", "query", "threshold"],
-                                                "properties": {k: {"type": "string"} for k in
-                                                               ("serverAddress", "query", "threshold")}}},
-                }},
-            },
-        }},
-    },
-    "RayService": {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["serveConfigV2", "rayClusterConfig"], "additionalProperties": False,
-            "properties": {
-                "upgradeStrategy": {"type": "object", "required": ["type"], "additionalProperties": False, "properties": {
-                    "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
-                    "clusterUpgradeOptions": {
-                        "type": "object", "additionalProperties": False,
-                        "required": ["gatewayClassName", "stepSizePercent", "intervalSeconds"],
-                        "properties": {"gatewayClassName": {"type": "string"},
-                                       **{k: {"type": "integer", "minimum": 1} for k in
-                                          ("maxSurgePercent", "stepSizePercent", "intervalSeconds")}}}}},
-                "serveConfigV2": {"type": "string"},
-                "rayClusterConfig": {
-                    "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"], "additionalProperties": False,
-                    "properties": {
-                        "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"},
-                        "autoscalerOptions": {"type": "object", "additionalProperties": False,
-                                              "properties": {"securityContext": {"type": "object"}}},
-                        "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"]},
-                        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
-                            "type": "object", "required": ["groupName", "rayStartParams", "template"]}},
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["selector", "podMetricsEndpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": _SELECTOR,
+                    "podMetricsEndpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["port"],
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                            },
+                        },
                     },
                 },
-            },
-        }},
+            }
+        },
     },
-}  # fmt: skip
+    "ScaledObject": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {"name": {"type": "string"}},
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer"},
+                    "cooldownPeriod": {"type": "integer"},
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"behavior": {"type": "object"}},
+                            }
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"const": "prometheus"},
+                                "name": {"type": "string"},
+                                "metadata": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["serverAddress", "query", "threshold"],
+                                    "properties": {
+                                        k: {"type": "string"}
+                                        for k in ("serverAddress", "query", "threshold")
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "RayService": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["serveConfigV2", "rayClusterConfig"],
+                "additionalProperties": False,
+                "properties": {
+                    "upgradeStrategy": {
+                        "type": "object",
+                        "required": ["type"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {
+                                "enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]
+                            },
+                            "clusterUpgradeOptions": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": [
+                                    "gatewayClassName",
+                                    "stepSizePercent",
+                                    "intervalSeconds",
+                                ],
+                                "properties": {
+                                    "gatewayClassName": {"type": "string"},
+                                    **{
+                                        k: {"type": "integer", "minimum": 1}
+                                        for k in (
+                                            "maxSurgePercent",
+                                            "stepSizePercent",
+                                            "intervalSeconds",
+                                        )
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "serveConfigV2": {"type": "string"},
+                    "rayClusterConfig": {
+                        "type": "object",
+                        "required": ["headGroupSpec", "workerGroupSpecs"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "rayVersion": {"type": "string"},
+                            "enableInTreeAutoscaling": {"type": "boolean"},
+                            "autoscalerOptions": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"securityContext": {"type": "object"}},
+                            },
+                            "headGroupSpec": {
+                                "type": "object",
+                                "required": ["rayStartParams", "template"],
+                            },
+                            "workerGroupSpecs": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["groupName", "rayStartParams", "template"],
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+}
 
 
 @needs_kubectl
@@ -192,8 +291,11 @@ def test_custom_resources_match_their_schemas_and_point_at_real_objects(overlay)
         jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
     for monitor in _by_kind(objects, "PodMonitor").values():
         wanted = monitor["spec"]["selector"]["matchLabels"]
-        scraped = [d for d in deployments.values()
-                   if wanted.items() <= d["spec"]["template"]["metadata"]["labels"].items()]  # fmt: skip
+        scraped = [
+            d
+            for d in deployments.values()
+            if wanted.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(scraped) == 2  # both tiers
         for deployment in scraped:
             ports = {
@@ -228,8 +330,9 @@ def test_rayservice_serve_config_validates_with_rays_own_schema():
 
 
 def test_generated_k8s_files_are_up_to_date():
-    result = subprocess.run([sys.executable, "scripts/gen_k8s.py", "--check"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_k8s.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -255,8 +358,9 @@ def test_each_tier_runs_the_profile_it_is_given(overlay):
 
 
 def test_dockerfile_is_hadolint_clean():
-    result = subprocess.run([str(BIN / "hadolint"), "Dockerfile"], cwd=REPO, capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -293,8 +397,12 @@ def test_dockerfile_runs_non_root_with_a_weight_volume_and_the_serve_cli():
 
 def test_manifests_are_yamllint_clean():
     config = "{extends: relaxed, rules: {line-length: {max: 140}}}"
-    result = subprocess.run([str(BIN / "yamllint"), "-s", "-d", config, "k8s", "configs"], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "yamllint"), "-s", "-d", config, "k8s", "configs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -307,16 +415,21 @@ def test_autoscalers_own_the_pod_counts_and_every_reference_resolves(overlay):
     """A `replicas` next to an HPA/ScaledObject resets a peak's pod count on every apply."""
     objects = build(overlay)
     deployments = _by_kind(objects, "Deployment")
-    scalers = [*_by_kind(objects, "HorizontalPodAutoscaler").values(),
-               *_by_kind(objects, "ScaledObject").values()]  # fmt: skip
+    scalers = [
+        *_by_kind(objects, "HorizontalPodAutoscaler").values(),
+        *_by_kind(objects, "ScaledObject").values(),
+    ]
     targets = [s["spec"]["scaleTargetRef"]["name"] for s in scalers]
     assert sorted(targets) == sorted(deployments)  # each tier scaled once, each target exists
     for name in targets:
         assert "replicas" not in deployments[name]["spec"], f"{name}: the autoscaler owns it"
     for pdb in _by_kind(objects, "PodDisruptionBudget").values():
         wanted = pdb["spec"]["selector"]["matchLabels"].items()
-        guarded = [n for n, d in deployments.items()
-                   if wanted <= d["spec"]["template"]["metadata"]["labels"].items()]  # fmt: skip
+        guarded = [
+            n
+            for n, d in deployments.items()
+            if wanted <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert guarded == [pdb["metadata"]["name"]]
 
 
@@ -344,8 +457,9 @@ def test_startup_probe_and_progress_deadline_outlast_the_apps_startup_timeout(ov
     assert deployments
     for name, deployment in deployments.items():
         assert deployment["spec"].get("progressDeadlineSeconds", 600) > startup_s, name
-        (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
-                     if c["name"] == "server"]  # fmt: skip
+        (server,) = [
+            c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server"
+        ]
         probe = server["startupProbe"]
         window_s = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
         assert window_s > startup_s, (name, window_s)
@@ -375,12 +489,16 @@ def test_exec_commands_name_binaries_the_image_installs(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies_select_every_serving_pod_and_open_only_the_api(overlay):
     objects = build(overlay)
-    policies = [p for p in _by_kind(objects, "NetworkPolicy").values()
-                if "Ingress" in p["spec"]["policyTypes"]]  # fmt: skip
+    policies = [
+        p
+        for p in _by_kind(objects, "NetworkPolicy").values()
+        if "Ingress" in p["spec"]["policyTypes"]
+    ]
     for name, template in _serving_templates(objects).items():
         labels = template["metadata"]["labels"].items()
-        selecting = [p for p in policies
-                     if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels]  # fmt: skip
+        selecting = [
+            p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels
+        ]
         assert any(p["spec"]["podSelector"] for p in selecting), f"{name}: no policy of its own"
         open_ports = set()
         for rule in (r for p in selecting for r in p["spec"].get("ingress", [])):
@@ -419,8 +537,11 @@ def test_weights_come_from_one_pinned_job_and_serving_pods_never_download(overla
     from engine.config import GENERATED_PREFIX
 
     objects = build(overlay)
-    hub_models = {m.model for m in _profile(overlay).models
-                  if m.model and not m.model.startswith(GENERATED_PREFIX)}  # fmt: skip
+    hub_models = {
+        m.model
+        for m in _profile(overlay).models
+        if m.model and not m.model.startswith(GENERATED_PREFIX)
+    }
     serving = _serving_templates(objects)
     for name, template in serving.items():
         for container in _containers(template):
@@ -486,11 +607,16 @@ def test_prometheus_adapter_rules_serve_every_hpa_metric():
     ],
 )
 def test_optional_components_build_on_their_overlay(component, overlay, kind, tmp_path):
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(REPO / "k8s/overlays" / overlay, tmp_path)],
-        "components": [os.path.relpath(REPO / "k8s/components" / component, tmp_path)],
-    }))  # fmt: skip
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(REPO / "k8s/overlays" / overlay, tmp_path)],
+                "components": [os.path.relpath(REPO / "k8s/components" / component, tmp_path)],
+            }
+        )
+    )
     (obj,) = _by_kind(_kustomize(tmp_path), kind).values()
     jsonschema.validate(obj, CRD_SCHEMAS[kind])
     if kind == "RayService":
@@ -518,7 +644,9 @@ def test_weights_job_refuses_anything_but_a_full_commit(weights, monkeypatch):
     shipped = yaml.safe_load((REPO / "k8s/base/cache/weights.yaml").read_text())["data"]["MODELS"]
     monkeypatch.setenv("QWEN3VL_WEIGHTS", shipped)
     assert [repo for repo, _ in weights.pinned_snapshots()] == [
-        "Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"]  # fmt: skip
+        "Qwen/Qwen3-VL-8B-Instruct",
+        "Qwen/Qwen3-VL-2B-Instruct",
+    ]
 
 
 def test_pods_wait_until_the_job_has_cached_the_pinned_commit(weights, monkeypatch, tmp_path):

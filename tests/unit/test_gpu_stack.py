@@ -83,8 +83,11 @@ def _registry_only_env() -> dict[str, str]:
 def _registry_reachable() -> bool:
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "vllm"],
-        capture_output=True, text=True, timeout=120, env=_registry_only_env(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_registry_only_env(),
+    )
     return probe.returncode == 0
 
 
@@ -99,18 +102,36 @@ def test_gpu_image_install_resolves_from_wheels_with_cuda_torch(python_version, 
             check=True,
             capture_output=True,
             text=True,
-        ).stdout  # fmt: skip
+        ).stdout
         + f"vllm=={_arg('VLLM_VERSION')}\n"
     )
     report = tmp_path / "report.json"
     # The image's install, for its platform: glibc 2.39 (Ubuntu 24.04), x86_64, wheels only.
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-         "--ignore-installed", "--only-binary=:all:", *PLATFORM_ARGS,
-         "--python-version", python_version, "--implementation", "cp",
-         "-r", str(requirements)],
-        capture_output=True, text=True, timeout=900, env=_registry_only_env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            "--ignore-installed",
+            "--only-binary=:all:",
+            *PLATFORM_ARGS,
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            "-r",
+            str(requirements),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_registry_only_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     installs = {
         item["metadata"]["name"].lower(): item for item in json.loads(report.read_text())["install"]

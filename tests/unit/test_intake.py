@@ -47,7 +47,7 @@ def test_json_that_python_cannot_or_should_not_parse_is_a_400(body, words):
         (
             b'{"model": "m", "messages": [{"role": "user", "content": "a\\udc00b"}]}',
             "messages.0.content",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_a_lone_surrogate_is_a_400_naming_its_field(body, param):
@@ -72,7 +72,7 @@ def test_a_surrogate_pair_is_an_emoji_not_an_error():
         ("stop", ["a"] * 9),
         ("max_tokens", 0),
         ("n", 2),
-    ],  # fmt: skip
+    ],
 )
 def test_values_the_engine_would_choke_on_are_refused_here(field, value):
     error = _refused(_body(**{field: value}))
@@ -102,7 +102,7 @@ def test_body_over_the_cap_is_a_413_before_and_after_reading():
             [{"role": "user", "content": [{"type": "text", "text": "a"}] * 4}],
             RequestLimits(max_content_parts=3),
             "too_many_content_parts",
-        ),  # fmt: skip
+        ),
         (
             [
                 {"role": "user", "content": "abc"},
@@ -110,7 +110,7 @@ def test_body_over_the_cap_is_a_413_before_and_after_reading():
             ],
             RequestLimits(max_text_chars=3),
             "text_too_long",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_request_shape_limits(messages, limits, code):
@@ -138,9 +138,14 @@ def test_a_stream_that_fails_unexpectedly_still_ends_with_an_error_event_and_don
     request = parse_request(_body(stream=True))
     prepared = PreparedRequest("req-1", None, None, 3)
     stream = OpenAIServer.func_or_class._stream(
-        None, Failing(), prepared, request, time.perf_counter(), time.perf_counter() + 60,
+        None,
+        Failing(),
+        prepared,
+        request,
+        time.perf_counter(),
+        time.perf_counter() + 60,
         lambda: released.append(True),
-    )  # fmt: skip
+    )
 
     async def drain() -> list[str]:
         return [event async for event in stream]
@@ -156,7 +161,7 @@ def test_a_stream_that_fails_unexpectedly_still_ends_with_an_error_event_and_don
     [
         b'{"model": "m", "messages": [{"role": "user", "content": "x\xed\xa0\x80"}]}',
         '{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'.encode("utf-16"),
-    ],  # fmt: skip
+    ],
     ids=["encoded-surrogate", "utf-16"],
 )
 def test_bodies_that_are_not_strict_utf8_are_a_400(body):

@@ -15,12 +15,18 @@ from engine.protocol import ChunkEncoder, Usage
 def test_parse_request_accepts_openai_image_parts():
     body = {
         "model": "m",
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "hi"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-        ]}],
-        "stop": "END", "user": "ignored-field",
-    }  # fmt: skip
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ],
+        "stop": "END",
+        "user": "ignored-field",
+    }
     request = parse_request(json.dumps(body).encode())
     assert request.messages[0].content[1].image_url.url.startswith("data:")
     assert request.stop == ["END"]

@@ -10,16 +10,26 @@ from engine.routing import Router
 
 
 def _router(kv: dict | None = None) -> Router:
-    config = AppConfig.model_validate({
-        "models": [
-            {"name": "big", "model": "x", "engine_kwargs": {"max_num_seqs": 4},
-             "saturation": {"max_queued_requests": 2, "resume_fraction": 0.5}},
-            {"name": "small", "model": "y", "engine_kwargs": {"max_num_seqs": 2},
-             "saturation": {"max_queued_requests": 1}},
-        ],
-        "routing": {"primary": "big", "fallbacks": ["small"]},
-        "admission": {"retry_after_s": 3},
-    })  # fmt: skip
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "big",
+                    "model": "x",
+                    "engine_kwargs": {"max_num_seqs": 4},
+                    "saturation": {"max_queued_requests": 2, "resume_fraction": 0.5},
+                },
+                {
+                    "name": "small",
+                    "model": "y",
+                    "engine_kwargs": {"max_num_seqs": 2},
+                    "saturation": {"max_queued_requests": 1},
+                },
+            ],
+            "routing": {"primary": "big", "fallbacks": ["small"]},
+            "admission": {"retry_after_s": 3},
+        }
+    )
     return Router(config, kv_cache_usage=kv)
 
 
@@ -79,15 +89,25 @@ def test_requesting_the_fallback_by_name_has_no_further_fallback():
 
 
 def test_when_all_are_saturated_requests_queue_where_the_wait_is_shortest():
-    config = AppConfig.model_validate({
-        "models": [
-            {"name": "big", "model": "x", "engine_kwargs": {"max_num_seqs": 2},
-             "saturation": {"max_queued_requests": 8}},
-            {"name": "small", "model": "y", "engine_kwargs": {"max_num_seqs": 8},
-             "saturation": {"max_queued_requests": 8}},
-        ],
-        "routing": {"primary": "big", "fallbacks": ["small"]},
-    })  # fmt: skip
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {
+                    "name": "big",
+                    "model": "x",
+                    "engine_kwargs": {"max_num_seqs": 2},
+                    "saturation": {"max_queued_requests": 8},
+                },
+                {
+                    "name": "small",
+                    "model": "y",
+                    "engine_kwargs": {"max_num_seqs": 8},
+                    "saturation": {"max_queued_requests": 8},
+                },
+            ],
+            "routing": {"primary": "big", "fallbacks": ["small"]},
+        }
+    )
     router = Router(config)
     served = _fill(router, 2 + 8 + 5)
     assert served[:10] == ["big"] * 2 + ["small"] * 8

@@ -38,7 +38,7 @@ LIMITS = ImageLimits(allowed_url_hosts=["cdn.shop.example"])
         "https://cdn.shop.example/" + "a" * 70_000,
         "ftp://cdn.shop.example/a.png",
         "file:///etc/passwd",
-    ],  # fmt: skip
+    ],
     ids=[
         "open-bracket",
         "ipv4-in-brackets",
@@ -51,7 +51,7 @@ LIMITS = ImageLimits(allowed_url_hosts=["cdn.shop.example"])
         "65k-chars",
         "ftp",
         "file",
-    ],  # fmt: skip
+    ],
 )
 def test_malformed_urls_are_invalid_image_url(url):
     with pytest.raises(RequestError) as info:
@@ -66,7 +66,7 @@ def test_malformed_urls_are_invalid_image_url(url):
         "http://cdn.shop.example/a.png",
         "https://cdn.shop.example:8443/a.png",
         "https://user:pw@cdn.shop.example/a.png",
-    ],  # fmt: skip
+    ],
     ids=["host", "plain-http", "port", "credentials"],
 )
 def test_allow_list_covers_host_scheme_port(url):
@@ -104,7 +104,7 @@ def test_a_name_resolving_to_loopback_is_refused_unless_the_profile_allows_it():
         "::10.0.0.1",
         "2001:0:4136:e378:8000:63bf:f5ff:fffe",
         "0.0.0.0",
-    ],  # fmt: skip
+    ],
     ids=[
         "private",
         "metadata",
@@ -115,7 +115,7 @@ def test_a_name_resolving_to_loopback_is_refused_unless_the_profile_allows_it():
         "ipv4-compatible",
         "teredo",
         "unspecified",
-    ],  # fmt: skip
+    ],
 )
 def test_private_addresses_are_not_public_however_spelled(address):
     assert not fetch._public(address)
@@ -167,8 +167,13 @@ class _Host(http.server.ThreadingHTTPServer):
 
 
 def _local_limits(port: int, **extra) -> ImageLimits:
-    return ImageLimits(allowed_url_hosts=["127.0.0.1"], allowed_url_schemes=["http"],
-                       allowed_url_ports=[port], allow_private_addresses=True, **extra)  # fmt: skip
+    return ImageLimits(
+        allowed_url_hosts=["127.0.0.1"],
+        allowed_url_schemes=["http"],
+        allowed_url_ports=[port],
+        allow_private_addresses=True,
+        **extra,
+    )
 
 
 def test_fetch_keeps_no_cookies_and_ignores_proxy_variables(monkeypatch):
@@ -182,8 +187,10 @@ def test_fetch_keeps_no_cookies_and_ignores_proxy_variables(monkeypatch):
     async def twice() -> list[bytes]:
         client = fetch.fetch_client()
         target = fetch.check_remote_url(url, limits, param="p")
-        got = [await fetch.fetch_image_bytes(target, limits, param="p", client=client)
-               for _ in range(2)]  # fmt: skip
+        got = [
+            await fetch.fetch_image_bytes(target, limits, param="p", client=client)
+            for _ in range(2)
+        ]
         await client.aclose()
         return got
 
@@ -243,10 +250,10 @@ CRAFTED = {
     "corrupt-webp": encode(noise_image(64, 64), "WEBP")[:30] + b"\xff" * 200,
     "ztxt-bomb": _with_chunk(
         encode(noise_image(8, 8)), _chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * 20_000_000))
-    ),  # fmt: skip
+    ),
     "iccp-bomb": _with_chunk(
         encode(noise_image(8, 8)), _chunk(b"iCCP", b"p\x00\x00" + zlib.compress(b"a" * 20_000_000))
-    ),  # fmt: skip
+    ),
     "palette-trns-longer-than-palette": _palette_png_with_long_transparency(),
     "garbage-exif": encode(
         noise_image(16, 16), "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff"
@@ -312,9 +319,13 @@ def test_gif_is_still_named():
 @pytest.mark.parametrize("role", ["system", "developer", "assistant"])
 def test_an_image_outside_a_user_message_is_a_400_before_any_decoding(role):
     url = "data:image/png;base64,AAAA"  # never decoded: the role is checked first
-    body = {"model": "m", "messages": [
-        {"role": role, "content": [{"type": "image_url", "image_url": {"url": url}}]},
-        {"role": "user", "content": "hi"}]}  # fmt: skip
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": role, "content": [{"type": "image_url", "image_url": {"url": url}}]},
+            {"role": "user", "content": "hi"},
+        ],
+    }
     import json
 
     request = parse_request(json.dumps(body).encode())
