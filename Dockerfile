@@ -42,8 +42,6 @@ RUN python scripts/requirements.py gpu > /tmp/requirements.txt \
 FROM gpu-deps AS gpu-app
 COPY README.md ./
 COPY engine engine
-COPY export export
-COPY bench bench
 COPY configs configs
 RUN pip install --no-deps . \
  && python -c "import vllm, ray.serve, engine.config"

@@ -375,7 +375,9 @@ def run(args) -> dict:
         "rate_scale": args.rate_scale,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "autoscale.json").write_text(json.dumps(result, indent=1))
+    (args.out / "autoscale.json").write_text(json.dumps(result, indent=1))  # with the series
+    summary = {key: result[key] for key in ("summary", "settings")}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(result, args.out)
     return result
 

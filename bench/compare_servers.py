@@ -18,6 +18,11 @@ results.md (one table per workload, ratios to vLLM's server in the same round) t
     python -m bench.compare_servers --out runs/compare            # 3 rounds, all workloads
     python -m bench.compare_servers --servers vllm ours ours-haproxy ours-proxy   # every front
     python -m bench.compare_servers --servers vllm ours --workloads tiny-c32 --rounds 1
+    python -m bench.compare_servers --before /tmp/old    # + ours-before: the checkout in /tmp/old
+
+``--before DIR`` adds ``ours-before``: the same server run from another checkout of this
+project (``git worktree add /tmp/old REV``), so a change is measured against the code before
+it in the same rounds, both as ratios to vLLM's server.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ def vllm_cli_args(engine_kwargs: dict) -> list[str]:
     return args
 
 
-def servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[str], dict]]:
+def servers(
+    profile_path: Path, port: int, tmp: Path, before: Path | None = None
+) -> dict[str, tuple[list[str], dict, Path]]:
     """name -> (command, extra environment). ``ours`` is the default ingress of the profile
     (direct: the replica serves the API port); the others show what each hop costs."""
     config = load_config(profile_path)
@@ -98,7 +105,7 @@ def servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[st
         str(port),
         *vllm_cli_args(model.engine_kwargs),
     ]
-    found = {"vllm": (vllm_cmd, dict(model.env))}
+    found = {"vllm": (vllm_cmd, dict(model.env), REPO)}
     for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
         profile = yaml.safe_load(profile_path.read_text())
         profile.setdefault("server", {})["port"] = port
@@ -107,7 +114,10 @@ def servers(profile_path: Path, port: int, tmp: Path) -> dict[str, tuple[list[st
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(profile))
         command = [sys.executable, "-m", "engine", "serve", "--config", str(path)]
-        found[name] = (command, {"QWEN3VL_RAY_LOGS": "0"})
+        found[name] = (command, {"QWEN3VL_RAY_LOGS": "0"}, REPO)
+    if before is not None:  # run from there and ahead of the installed project on every path
+        command, env, _ = found["ours"]
+        found["ours-before"] = (command, {**env, "PYTHONPATH": str(before.resolve())}, before)
     return found
 
 
@@ -192,12 +202,13 @@ def run_server(
     workloads: list[Workload],
     warmup: int,
     log_dir: Path,
+    cwd: Path = REPO,
 ) -> list[dict]:
     config = load_config(profile_path)
     model, tokenizer = config.primary.name, config.primary.resolved_model_path()
     log = log_dir / f"{name}-{time.time_ns()}.log"
     rows = []
-    with ServerProcess(command, f"http://127.0.0.1:{port}", log, env=env) as server:
+    with ServerProcess(command, f"http://127.0.0.1:{port}", log, env=env, cwd=cwd) as server:
         # Warm-up: every workload's shapes once (vLLM on CPU compiles per batch shape).
         for workload in workloads:
             warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
@@ -286,19 +297,30 @@ def main() -> None:
         help="vllm, ours, ours-haproxy, ours-proxy",
     )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--before", type=Path, help="another checkout, served as ours-before")
     args = parser.parse_args()
+    if args.before and "ours-before" not in args.servers:
+        args.servers.append("ours-before")
     args.out.mkdir(parents=True, exist_ok=True)
     workloads = [WORKLOADS[w] for w in args.workloads]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        found = servers(args.config, args.port, Path(tmp))
+        found = servers(args.config, args.port, Path(tmp), args.before)
         names = [s for s in args.servers if s in found]
         for round_no in range(1, args.rounds + 1):
             order = names if round_no % 2 else list(reversed(names))
             for name in order:
-                command, env = found[name]
+                command, env, cwd = found[name]
                 for row in run_server(
-                    name, command, env, args.port, args.config, workloads, args.warmup, args.out
+                    name,
+                    command,
+                    env,
+                    args.port,
+                    args.config,
+                    workloads,
+                    args.warmup,
+                    args.out,
+                    cwd,
                 ):
                     rows.append({"round": round_no, **row})
     meta = {

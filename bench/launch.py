@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.__main__ import free_port  # noqa: F401 - one helper; tests import it from here
+from engine.lifecycle import free_port  # noqa: F401 - one helper; tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,7 @@ class ServerProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         timeout_s: float = 900,
+        cwd: Path = REPO,
     ) -> None:
         self.base_url = base_url
         self.log_path = log_path
@@ -46,7 +47,7 @@ class ServerProcess:
         # new session would ignore a lower priority given to the server.
         self.proc = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -60,7 +61,7 @@ class ServerProcess:
         self.ready_s = time.monotonic() - started
 
     def _wait_healthy(self, timeout_s: float) -> None:
-        from engine.__main__ import wait_for_health
+        from engine.lifecycle import wait_for_health
 
         def alive() -> None:
             if self.proc.poll() is not None:

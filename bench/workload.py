@@ -15,27 +15,13 @@ Questions come from a built-in e-commerce and customer-service set in Chinese an
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-QUESTIONS = (
-    "Tag this product: category, colour, material and style, as JSON.",
-    "Write a one-sentence title for this product listing.",
-    "Is anything in this photo prohibited for sale on a marketplace? Answer yes or no, then why.",
-    "The customer sent this screenshot. What error do they see and how do they fix it?",
-    "Which order number and delivery date are shown in this screenshot?",
-    "请为这件商品打标签：类目、颜色、材质、风格，用 JSON 输出。",
-    "用一句话为这张商品图写一个标题。",
-    "这张图片里有违禁内容吗？先回答是或否，再说明原因。",
-    "顾客发来这张截图，他遇到了什么问题？应该怎么解决？",
-    "截图里的订单号和预计送达时间是什么？",
-)
+from fixtures.images import QUESTIONS, draw_image, encode_image
 
 IMAGE_KINDS = {
     "product": ((768, 768), "jpeg"),
@@ -52,44 +38,6 @@ class RequestSpec:
     body: dict
     kind: str
     image_bytes: int = 0
-
-
-def draw_image(kind: str, size: tuple[int, int], seed: int) -> Image.Image:
-    """A picture with the rough statistics of ``kind``, unique to ``seed``."""
-    rng = random.Random(seed)
-    width, height = size
-    if kind == "screenshot":  # flat UI: white page, coloured bars, lines of "text"
-        image = Image.new("RGB", size, (250, 250, 250))
-        draw = ImageDraw.Draw(image)
-        draw.rectangle((0, 0, width, height // 12), fill=tuple(rng.randrange(256) for _ in "rgb"))
-        y = height // 10
-        while y < height - 40:
-            line = rng.randrange(30, max(31, width - 30))
-            draw.rectangle((30, y, line, y + 18), fill=(rng.randrange(40, 120),) * 3)
-            y += rng.choice((32, 40, 90))
-        return image
-    # photo / product: a lit background, a few objects, sensor-like texture
-    image = Image.linear_gradient("L").resize(size).convert("RGB")
-    tint = Image.new("RGB", size, tuple(rng.randrange(120, 256) for _ in "rgb"))
-    image = Image.blend(image, tint, 0.6 if kind == "product" else 0.4)
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.randrange(3, 8)):
-        x0, y0 = rng.randrange(width), rng.randrange(height)
-        x1, y1 = (
-            x0 + rng.randrange(width // 8, width // 2),
-            y0 + rng.randrange(height // 8, height // 2),
-        )
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in "rgb"))
-    noise = Image.effect_noise((max(1, width // 4), max(1, height // 4)), 24).resize(size)
-    return Image.blend(image, noise.convert("RGB"), 0.12)
-
-
-def encode_image(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    options = {"quality": 90} if fmt in ("jpeg", "webp") else {}
-    image.save(buffer, fmt.upper(), **options)
-    return buffer.getvalue()
 
 
 def _parse_spec(spec: str) -> tuple[list[str], dict[str, str]]:

@@ -18,43 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 
 from engine import lifecycle
 from engine.config import DEFAULT_PROFILE, AppConfig, load_config, tier_config
+from engine.lifecycle import free_port, wait_for_health
 
 _coordinator = None  # the drain coordinator actor's handle, once Ray is up
 SERVER_CHILD_ENV = "QWEN3VL_SERVER_CHILD"  # set in the supervised server process
 STOP_BOUND_S = 10.0  # Serve's own shutdown may take this long; then processes are ended
-
-
-def wait_for_health(url: str, timeout_s: float, check=None) -> None:
-    """Poll ``url`` until it answers 200, or raise after ``timeout_s``. ``check()``, if given,
-    runs before every poll and raises to give up early (e.g. the server process died)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if check is not None:
-            check()
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s")
-        time.sleep(1)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def haproxy_env(port: int) -> dict[str, str]:
@@ -228,9 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.testing.tiny_model import ensure_model
+    from engine.config import GENERATED_PREFIX, resolve_model
 
-    print(ensure_model(args.preset))
+    print(resolve_model(GENERATED_PREFIX + args.preset))
     return 0
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIG_DIR / "cpu-tiny.yaml"
 GENERATED_PREFIX = "generated:"
+MODEL_SOURCES = "qwen3vl_serve.model_sources"  # entry-point group: a name -> resolve(spec)
 # Ray processes at normal priority (Ray starts workers at niceness 15, behind the engine);
 # replica log lines (one per request, keyed by its id) written when they happen: throughput
 # mode would buffer 1000 of them.
@@ -135,6 +136,24 @@ class SaturationPolicy(_Strict):
     )
 
 
+def resolve_model(model: str) -> str:
+    """``SOURCE:SPEC`` (``generated:tiny``) through the model source registered under SOURCE
+    (an entry point; the ``generated`` source is ``export.variants``, which builds the
+    checkpoint on first use); anything else is a path or HF repo id, as is."""
+    from importlib.metadata import entry_points
+
+    source, sep, spec = model.partition(":")
+    if not sep or "/" in source:  # a repo id or a path
+        return model
+    found = entry_points(group=MODEL_SOURCES, name=source)
+    if not found:
+        raise ValueError(
+            f"model {model!r}: no model source {source!r} is installed "
+            f"(entry points of group {MODEL_SOURCES!r})"
+        )
+    return str(next(iter(found)).load()(spec))
+
+
 class ModelConfig(_Strict):
     """One served model: a vLLM engine inside a Ray Serve deployment."""
 
@@ -142,7 +161,7 @@ class ModelConfig(_Strict):
     model: str = Field(
         "",
         description="HF repo id, local checkpoint dir, or 'generated:tiny'/'generated:small' "
-        "for a checkpoint the project generates (engine/testing/tiny_model.py); "
+        "for a checkpoint the project generates (fixtures/tiny_model.py); "
         "'generated:small+w8a8-int8' (or +w4a16, +fp8-dynamic) for its quantized variant.",
     )
     url: str | None = Field(
@@ -205,12 +224,7 @@ class ModelConfig(_Strict):
 
     def resolved_model_path(self) -> str:
         """The path or repo id vLLM loads; generated checkpoints are built if missing."""
-        if self.model.startswith(GENERATED_PREFIX):
-            from engine.testing.tiny_model import ensure_model, ensure_variant
-
-            spec = self.model[len(GENERATED_PREFIX) :]
-            return str(ensure_variant(spec) if "+" in spec else ensure_model(spec))
-        return self.model
+        return resolve_model(self.model)
 
 
 class RoutingConfig(_Strict):

@@ -2,10 +2,17 @@
 
 ``RequestError``: the client sent something we will not serve (4xx, actionable message).
 ``EngineError``: the engine failed (5xx; health goes red when the engine is dead).
-The ingress turns both into OpenAI-style JSON in one place.
+``error_payload`` turns any exception into an OpenAI-style status, body and headers, in
+one place; unexpected errors say nothing of their internals (the log has them).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from engine.protocol import error_body
 
 
 class RequestError(Exception):
@@ -46,3 +53,20 @@ class EngineError(Exception):
         self.status_code = status_code
         self.code = code
         self.error_type = error_type
+
+
+def error_payload(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI-style body and headers of an error."""
+    if isinstance(exc, RequestError):
+        body = error_body(exc.message, error_type=exc.error_type, code=exc.code, param=exc.param)
+        return exc.status_code, body, exc.headers
+    if isinstance(exc, EngineError):
+        body = error_body(exc.message, error_type=exc.error_type, code=exc.code)
+        return exc.status_code, body, {}
+    if isinstance(exc, HTTPException):
+        body = error_body(str(exc.detail), error_type="invalid_request_error", code=exc.status_code)
+        return exc.status_code, body, {}
+    body = error_body(
+        "internal error; the server logged it", error_type="server_error", code="internal"
+    )
+    return 500, body, {}

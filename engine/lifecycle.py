@@ -22,9 +22,11 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -150,3 +152,27 @@ def lifecycle_actor_class():
 
 if __name__ == "__main__":  # the reaper: python -m engine.lifecycle PID INSTANCE GROUP GRACE_S
     _reap_after(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+
+
+def wait_for_health(url: str, timeout_s: float, check=None) -> None:
+    """Poll ``url`` until it answers 200, or raise after ``timeout_s``. ``check()``, if given,
+    runs before every poll and raises to give up early (e.g. the server process died)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check is not None:
+            check()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,7 +1,8 @@
-"""One model's vLLM engine: render a chat, generate, stream typed deltas.
+"""One model's vLLM engine as a backend: render a chat, generate, stream typed deltas.
 
-``ModelEngine`` is the shim between the ingress and vLLM's ``AsyncLLM`` (continuous
-batching, paged KV cache; the engine core runs in its own process). It uses vLLM's own
+``VllmBackend`` (``engine.backend.Backend``) is the shim between the chat service and vLLM's
+``AsyncLLM`` (continuous batching, paged KV cache; the engine core runs in its own process).
+It uses vLLM's own
 renderer for the chat template and multimodal processing, so prompts are built exactly
 as vLLM's OpenAI server builds them, and validation (prompt longer than the context,
 max_tokens beyond it) raises the same errors, which we map to 4xx.
@@ -18,60 +19,41 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from engine.backend import GenerationDelta, Prepared
 from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
+from engine.process import keep_log_handlers
 from engine.protocol import ChatCompletionRequest
 
 logger = logging.getLogger("ray.serve")
 
 
 @dataclass(slots=True)
-class GenerationDelta:
-    """New output of one request since the previous delta (vLLM DELTA output mode)."""
+class VllmRequest:
+    """A ``VllmBackend``'s handle of a prepared request."""
 
-    text: str
-    num_tokens: int
-    finish_reason: str | None
-    prompt_tokens: int
-
-
-@dataclass(slots=True)
-class PreparedRequest:
-    """A rendered, validated request, ready to enter the engine."""
-
-    request_id: str  # the public id (body ``id``, x-request-id)
     engine_input: Any  # vLLM EngineInput (token ids + processed multimodal data)
     sampling_params: Any  # vllm.SamplingParams
-    prompt_tokens: int
     # Unique in the engine even when clients reuse an x-request-id (an abort of one must not
     # abort the other).
-    engine_request_id: str = ""
+    engine_request_id: str
 
 
-class ModelEngine:
-    """A vLLM AsyncLLM serving one model."""
+class VllmBackend:
+    """A vLLM AsyncLLM serving one model, in this process."""
+
+    uses_conversation = True
 
     def __init__(self, config: ModelConfig) -> None:
         # The engine-core subprocess inherits this environment (KV-cache size on CPU, ...).
         os.environ.update(config.env)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.renderers.params import ChatParams
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.name = config.name
-        args = AsyncEngineArgs(
-            model=config.resolved_model_path(),
-            served_model_name=[config.name],
-            **config.engine_kwargs,
-        )
         # KV-cache usage (0..1), refreshed by vLLM on every engine step; the router reads it.
         self.kv_cache_usage = 0.0
-        self.llm = AsyncLLM.from_engine_args(
-            args,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=[_load_logger_factory(self)],
-        )
+        with keep_log_handlers():  # vLLM's logging setup closes Ray Serve's (engine.process)
+            self.llm = _start_engine(config, _load_logger_factory(self))
+        from vllm.renderers.params import ChatParams
+
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._default_sampling = self.llm.model_config.get_diff_sampling_param()
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
@@ -88,7 +70,7 @@ class ModelEngine:
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
-    ) -> PreparedRequest:
+    ) -> Prepared[VllmRequest]:
         """Render the conversation (images already decoded) and validate it against the context."""
         from vllm.exceptions import VLLMClientError
         from vllm.renderers.params import TokenizeParams
@@ -157,16 +139,18 @@ class ModelEngine:
         except (VLLMClientError, ValueError) as exc:
             raise RequestError(str(exc), code="invalid_sampling_params") from None
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:12]}"
-        return PreparedRequest(request_id, engine_input, params, prompt_tokens, engine_request_id)
+        handle = VllmRequest(engine_input, params, engine_request_id)
+        return Prepared(request_id, prompt_tokens, handle)
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, prepared: Prepared[VllmRequest]) -> AsyncIterator[GenerationDelta]:
         """Stream deltas, one per engine step (vLLM DELTA mode). Leaving early (close, cancel,
         an exception in the consumer) aborts the request in the engine at once."""
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         finished = False
+        handle = prepared.handle
         outputs = self.llm.generate(
-            prepared.engine_input, prepared.sampling_params, prepared.engine_request_id
+            handle.engine_input, handle.sampling_params, handle.engine_request_id
         )
         try:
             async for output in outputs:
@@ -188,13 +172,17 @@ class ModelEngine:
                 # vLLM aborts from its own generator only once that generator is closed or
                 # garbage-collected, and under Ray a reference cycle can delay that for
                 # seconds while the engine generates for nobody: abort explicitly, now.
-                self.abort(prepared.engine_request_id)
+                self._abort(handle.engine_request_id)
                 self._in_background(outputs.aclose())
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request in the engine, from any context (a cancelled task included): the
-        abort runs as a task of its own, so no cancellation of the caller can skip it."""
-        self._in_background(self.llm.abort(request_id))
+    async def abort(self, prepared: Prepared[VllmRequest]) -> None:
+        """Abort in the engine (a no-op for a request it does not hold)."""
+        self._abort(prepared.handle.engine_request_id)
+
+    def _abort(self, engine_request_id: str) -> None:
+        """From any context (a cancelled task included): the abort runs as a task of its
+        own, so no cancellation of the caller can skip it."""
+        self._in_background(self.llm.abort(engine_request_id))
 
     def _in_background(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -205,7 +193,10 @@ class ModelEngine:
         """Raise if the engine cannot serve."""
         await self.llm.check_health()
 
-    def shutdown(self) -> None:
+    async def metrics_text(self) -> None:
+        return None  # vLLM's collectors are in this process's registry already
+
+    async def aclose(self) -> None:
         self.llm.shutdown()
 
 
@@ -268,13 +259,26 @@ def attention_backends(vllm_config: Any) -> dict[str, str]:
     return found
 
 
+def _start_engine(config: ModelConfig, stat_logger: Any) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=config.resolved_model_path(), served_model_name=[config.name], **config.engine_kwargs
+    )
+    return AsyncLLM.from_engine_args(
+        args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger]
+    )
+
+
 def _vllm_version() -> str:
     import vllm
 
     return vllm.__version__
 
 
-def _load_logger_factory(engine: ModelEngine):
+def _load_logger_factory(engine: VllmBackend):
     """A vLLM stat logger that copies the scheduler's KV-cache usage onto ``engine``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 

@@ -1,13 +1,13 @@
-"""Fallback models reached from the ingress: through a Ray Serve handle, or over HTTP.
+"""Backends for fallback models: through a Ray Serve handle, or over HTTP.
 
 The primary model's engine lives in the ingress replica (no hop per token). Fallback tiers
 run as their own deployments (``ModelServer``) so each scales on its own; the ingress talks
-to them through ``RemoteModel``, which has the same ``prepare``/``generate`` surface as
-``ModelEngine``. Only overflow traffic pays the extra hop.
+to them through ``RayBackend``. Only overflow traffic pays the extra hop.
 
 Where tiers are separate Kubernetes Deployments (one Ray instance per pod), a fallback with
-``url`` is another server of this project, reached by ``HttpModel``: same surface, the request
-forwarded as JSON, strict (``allow_fallback: false``, so it never cascades) and streaming.
+``url`` is another server of this project, reached by ``HttpBackend``: the request forwarded
+as sent (its images are not decoded here), strict (``allow_fallback: false``, so it never
+cascades) and streaming.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 from ray import serve
 
+from engine.backend import Accepted, GenerationDelta, Prepared
 from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
-from engine.llm import GenerationDelta, ModelEngine, PreparedRequest
+from engine.llm import VllmBackend
 from engine.protocol import ChatCompletionRequest
 
 logger = logging.getLogger("ray.serve")
@@ -33,16 +35,17 @@ class ModelServer:
     """Ray Serve replica holding one fallback model's vLLM engine."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self.engine = ModelEngine(config)
+        self.engine = VllmBackend(config)
 
     async def generate(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
-    ) -> AsyncIterator[int | GenerationDelta]:
-        """First item: the prompt's token count (the request was accepted); then deltas."""
+    ) -> AsyncIterator[Accepted | GenerationDelta]:
+        """First ``Accepted`` (rendered and valid), then deltas; a 4xx raises before it."""
         prepared = await self.engine.prepare(request_id, request, conversation)
-        yield prepared.prompt_tokens
-        async for delta in self.engine.generate(prepared):
-            yield delta
+        yield Accepted(self.engine.name, prepared.prompt_tokens)
+        async with aclosing(self.engine.generate(prepared)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def metrics_text(self) -> bytes:
         from engine.metrics import exposition
@@ -53,8 +56,11 @@ class ModelServer:
         await self.engine.check_health()
 
 
-class RemoteModel:
-    """The ingress side of a ``ModelServer`` deployment."""
+class RayBackend:
+    """The ingress side of a ``ModelServer`` deployment; its handle is the response stream."""
+
+    uses_conversation = True  # the deployment renders it: images travel decoded
+    kv_cache_usage = None  # in the fallback's process
 
     def __init__(self, name: str, handle: Any) -> None:
         self.name = name
@@ -62,12 +68,12 @@ class RemoteModel:
 
     async def prepare(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
-    ) -> PreparedRequest:
+    ) -> Prepared[Any]:
         stream = self._handle.options(stream=True).generate.remote(
             request_id, request, conversation
         )
         try:
-            prompt_tokens = await stream.__anext__()
+            accepted: Accepted = await stream.__anext__()
         except RequestError as exc:  # Ray re-raises the replica's exception as a subclass
             stream.cancel()
             raise RequestError(
@@ -76,18 +82,20 @@ class RemoteModel:
         except BaseException:  # deadline or disconnect while the fallback renders
             stream.cancel()
             raise
-        return PreparedRequest(request_id, stream, None, prompt_tokens)
+        return Prepared(request_id, accepted.prompt_tokens, stream)
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
-        stream = prepared.engine_input
+    async def generate(self, prepared: Prepared[Any]) -> AsyncIterator[GenerationDelta]:
         finished = False
         try:
-            async for delta in stream:
+            async for delta in prepared.handle:
                 yield delta
             finished = True
         finally:
             if not finished:
-                stream.cancel()  # aborts the request in the fallback's engine
+                prepared.handle.cancel()  # aborts the request in the fallback's engine
+
+    async def abort(self, prepared: Prepared[Any]) -> None:
+        prepared.handle.cancel()  # a no-op for a finished stream
 
     async def check_health(self) -> None:
         await self._handle.check_health.remote()
@@ -95,9 +103,16 @@ class RemoteModel:
     async def metrics_text(self) -> bytes:
         return await self._handle.metrics_text.remote()
 
+    async def aclose(self) -> None:
+        pass  # Ray Serve owns the deployment
 
-class HttpModel:
-    """A fallback tier behind a URL (e.g. ``http://qwen3vl-fallback:8000``)."""
+
+class HttpBackend:
+    """A fallback tier behind a URL (e.g. ``http://qwen3vl-fallback:8000``); its handle is
+    the open streaming response."""
+
+    uses_conversation = False  # forwarded as sent; the other tier decodes the images
+    kv_cache_usage = None
 
     def __init__(self, name: str, url: str) -> None:
         self.name = name
@@ -110,8 +125,8 @@ class HttpModel:
         )
 
     async def prepare(
-        self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
-    ) -> PreparedRequest:
+        self, request_id: str, request: ChatCompletionRequest, conversation: None = None
+    ) -> Prepared[httpx.Response]:
         """Send the request; returns once the other tier accepted it (200 and headers)."""
         body = request.model_dump(mode="json", exclude_none=True)
         body |= {
@@ -134,12 +149,12 @@ class HttpModel:
             payload = await response.aread()
             await response.aclose()
             raise _upstream_error(self.name, response, payload)
-        return PreparedRequest(request_id, response, None, 0)
+        return Prepared(request_id, 0, response)
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationDelta]:
+    async def generate(self, prepared: Prepared[httpx.Response]) -> AsyncIterator[GenerationDelta]:
         """Deltas from the SSE stream. Token counts come from the closing usage message, so
         the delta carrying ``finish_reason`` is held back until usage arrives."""
-        response: httpx.Response = prepared.engine_input
+        response = prepared.handle
         tokens_so_far, held = 0, None
         try:
             async for line in response.aiter_lines():
@@ -171,9 +186,15 @@ class HttpModel:
         finally:
             await response.aclose()  # closing early drops the connection: the tier aborts it
 
+    async def abort(self, prepared: Prepared[httpx.Response]) -> None:
+        await prepared.handle.aclose()  # dropping the connection aborts it in the other tier
+
     async def check_health(self) -> None:
         """Never gates this pod: the other tier has its own probes, and its absence shows as
         503 ``fallback_unreachable`` on overflow requests, not as this pod being unready."""
+
+    async def metrics_text(self) -> None:
+        return None  # the other tier is scraped on its own
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -30,7 +30,7 @@ NUM_PROMPTS = 8
 
 def prompts(count: int = NUM_PROMPTS) -> list[list[dict]]:
     """Fixed chats: a product photo the project draws (seeded) and a question each."""
-    from bench.workload import QUESTIONS, draw_image, encode_image
+    from fixtures.images import QUESTIONS, draw_image, encode_image
 
     chats = []
     for i in range(count):

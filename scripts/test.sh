@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check engine bench export tests scripts
-.venv/bin/ruff format --check --quiet engine bench export tests scripts
+.venv/bin/ruff check engine bench export fixtures tests scripts
+.venv/bin/ruff format --check --quiet engine bench export fixtures tests scripts
 exec .venv/bin/python -m pytest "$@"

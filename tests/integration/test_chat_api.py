@@ -51,7 +51,8 @@ def test_streaming_yields_chunks_and_final_usage(client):
     )
     chunks = list(stream)
     content = [c for c in chunks if c.choices]
-    assert len(content) >= 2
+    # One event per token; a merged stream has one or two (a machine pause may merge two).
+    assert len(content) >= 8, [c.choices[0].delta.content for c in content]
     assert content[0].choices[0].delta.role == "assistant"
     assert content[-1].choices[0].finish_reason == "length"
     assert all(c.model == MODEL for c in chunks)

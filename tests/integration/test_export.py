@@ -12,10 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from bench.launch import ServerProcess, engine_command, free_port
-from engine.testing.tiny_model import ensure_model
 from export.compare import prompts, run_model, score, table
 from export.manifest import directory_hash, verify_manifest
 from export.quantize import quantize
+from fixtures.tiny_model import ensure_model
 from tests.utils import data_url, encode, image_message, noise_image
 
 FORMATS = {

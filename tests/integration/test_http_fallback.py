@@ -1,4 +1,4 @@
-"""HttpModel: a fallback tier in another pod, reached over HTTP (bench.fake_server stands in)."""
+"""HttpBackend: a fallback tier in another pod, reached over HTTP (bench.fake_server stands in)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from bench.launch import ServerProcess, free_port
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError
 from engine.protocol import ChatCompletionRequest
-from engine.remote import HttpModel
+from engine.remote import HttpBackend
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def _request(max_tokens: int) -> ChatCompletionRequest:
     )
 
 
-async def _serve(model: HttpModel, max_tokens: int) -> tuple[str, int, int, list[str | None]]:
-    prepared = await model.prepare("req-1", _request(max_tokens), [])
+async def _serve(model: HttpBackend, max_tokens: int) -> tuple[str, int, int, list[str | None]]:
+    prepared = await model.prepare("req-1", _request(max_tokens), None)
     text, tokens, prompt, reasons = "", 0, 0, []
     async for delta in model.generate(prepared):
         text += delta.text
@@ -53,7 +53,7 @@ async def _serve(model: HttpModel, max_tokens: int) -> tuple[str, int, int, list
 
 def test_forwarded_request_streams_back_with_exact_usage_and_strict_refusals_stay_4xx(tier):
     async def go():
-        model = HttpModel("small-vl", tier.base_url)
+        model = HttpBackend("small-vl", tier.base_url)
         try:
             first = await _serve(model, 5)  # request 1
             second = await _serve(model, 2)  # request 2
@@ -71,9 +71,9 @@ def test_forwarded_request_streams_back_with_exact_usage_and_strict_refusals_sta
 
 def test_unreachable_tier_is_a_503_not_a_hang():
     async def go():
-        model = HttpModel("small-vl", f"http://127.0.0.1:{free_port()}")
+        model = HttpBackend("small-vl", f"http://127.0.0.1:{free_port()}")
         try:
-            await model.prepare("req-1", _request(2), [])
+            await model.prepare("req-1", _request(2), None)
         finally:
             await model.aclose()
 

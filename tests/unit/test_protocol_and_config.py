@@ -68,9 +68,19 @@ def test_chunks_are_valid_sse_json():
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_profile_validates(path):
+def test_every_shipped_profile_validates_and_sizes_its_engines(path):
+    """Loading validates (unknown keys, routing names, limits); on top, no engine is sized by
+    vLLM's defaults (context and batch are what capacity and admission are computed from),
+    and a generated model names a preset and scheme that exist."""
+    from export.quantize import SCHEMES
+    from fixtures.tiny_model import PRESETS
+
     config = load_config(path)
-    assert config.primary.name in config.model_names
+    for model in config.models:
+        assert {"max_model_len", "max_num_seqs"} <= model.engine_kwargs.keys(), model.name
+        if model.model.startswith("generated:"):
+            preset, _, scheme = model.model.removeprefix("generated:").partition("+")
+            assert preset in PRESETS and (not scheme or scheme in SCHEMES), model.model
 
 
 def test_gpu_profile_uses_flash_attention_and_names_a_fallback():

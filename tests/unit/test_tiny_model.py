@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.testing.tiny_model import PRESETS, SPECIAL_TOKENS, ensure_model
+from fixtures.tiny_model import PRESETS, SPECIAL_TOKENS, ensure_model
 
 
 @pytest.fixture(scope="module")
