@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from engine.config import AppConfig, RequestLimits
 from engine.errors import RequestError
-from engine.protocol import ChatCompletionRequest
+from engine.protocol import NOT_SERVED, ChatCompletionRequest, unsupported_field
 
 TIMEOUT_HEADER = "x-request-timeout-s"
 FALLBACK_HEADER = "x-allow-fallback"
@@ -85,8 +85,25 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
         raise RequestError(
             f"{where}: {first['msg']}" if where else first["msg"], param=where or None
         ) from None
+    check_supported(request)
     check_shape(request, limits)
     return request
+
+
+def check_supported(request: ChatCompletionRequest) -> None:
+    """A field this server would otherwise ignore is a 400 naming it."""
+    name = unsupported_field(request)
+    if name is None:
+        return
+    if name in NOT_SERVED:
+        message = f"{name} is not supported by this server (accepted only as {_neutral(name)})"
+    else:
+        message = f"{name} is not a request field this server knows; remove it"
+    raise RequestError(message, code="unsupported_parameter", param=name)
+
+
+def _neutral(name: str) -> str:
+    return " or ".join(json.dumps(value) for value in NOT_SERVED[name])
 
 
 def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:

@@ -1,7 +1,9 @@
 """OpenAI chat-completions wire format: request models, response and error bodies.
 
-Requests are validated once, here, by pydantic; unknown fields are ignored as the OpenAI
-API does. Responses and stream chunks are plain JSON built from dicts: on the hot path
+Requests are validated once, here, by pydantic. A request field is honoured (a field of
+``ChatCompletionRequest``), metadata only (``METADATA_ONLY``), or refused by name: OpenAI's
+fields not served yet (``NOT_SERVED``) unless their value asks for nothing, anything else
+always (as OpenAI refuses an unrecognized argument). Responses and stream chunks are plain JSON built from dicts: on the hot path
 (one SSE chunk per token batch) that is several times cheaper than model serialisation.
 """
 
@@ -55,8 +57,11 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Lenient):
-    """The subset of OpenAI's chat-completions request we serve (plus vLLM's ignore_eos)."""
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request we serve (plus vLLM's ignore_eos);
+    other top-level fields are kept in ``model_extra`` for ``unsupported_field``."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -95,6 +100,45 @@ class ChatCompletionRequest(_Lenient):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# Every request field is honoured (a field of ChatCompletionRequest), metadata only, or a 400
+# naming it (``intake.check_supported``): nothing is ignored in silence.
+# Accepted and not acted on: identification and bookkeeping, nothing that changes the answer.
+METADATA_ONLY = frozenset(
+    {"user", "metadata", "store", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"}
+)
+# OpenAI fields this server does not serve yet -> the values that ask for nothing (accepted).
+NOT_SERVED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "logit_bias": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),
+    "prompt_cache_options": (None,),
+    "prompt_cache_retention": (None,),
+}
+
+
+def unsupported_field(request: ChatCompletionRequest) -> str | None:
+    """The first field of ``request`` this server would otherwise ignore, or None."""
+    for name, value in (request.model_extra or {}).items():
+        if name in METADATA_ONLY:
+            continue
+        if name not in NOT_SERVED or value not in NOT_SERVED[name]:
+            return name
+    return None
 
 
 @dataclass(slots=True)

@@ -149,3 +149,65 @@ def test_a_chunked_body_is_refused_once_it_passes_the_cap_not_read_whole():
     with pytest.raises(RequestError) as info:
         asyncio.run(read_body(Chunked(), RequestLimits(max_body_bytes=1000)))
     assert info.value.status_code == 413 and len(read) == 3
+
+
+# A value that asks for each field's feature (a neutral value is accepted instead).
+_ASKING = {
+    "logprobs": True,
+    "top_logprobs": 5,
+    "tools": [{"type": "function", "function": {"name": "tag_product", "parameters": {}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "tag_product", "parameters": {}}],
+    "function_call": "auto",
+    "response_format": {"type": "json_object"},
+    "modalities": ["text", "audio"],
+    "logit_bias": {"100": 5},
+    "service_tier": "priority",
+    "audio": {"voice": "alloy", "format": "mp3"},
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "reasoning_effort": "high",
+    "verbosity": "low",
+    "moderation": {"mode": "block"},
+    "prompt_cache_options": {},
+    "prompt_cache_retention": "24h",
+}
+
+
+def _with(**fields) -> bytes:
+    return json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+    ).encode()
+
+
+def test_every_openai_request_field_is_honoured_metadata_or_a_400_naming_it():
+    """Walks the official SDK's request fields: a field a new SDK adds fails here until it is
+    honoured, listed as metadata, or refused by name."""
+    import typing
+
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
+    from engine.protocol import METADATA_ONLY, NOT_SERVED, ChatCompletionRequest
+
+    honoured = set(ChatCompletionRequest.model_fields)
+    for name in typing.get_type_hints(CompletionCreateParamsBase):
+        assert name in honoured | METADATA_ONLY | NOT_SERVED.keys(), f"unclassified field {name!r}"
+    assert set(_ASKING) == set(NOT_SERVED)
+    for name, value in _ASKING.items():
+        with pytest.raises(RequestError) as info:
+            parse_request(_with(**{name: value}))
+        assert info.value.code == "unsupported_parameter" and info.value.param == name
+        assert name in info.value.message
+        for neutral in NOT_SERVED[name]:
+            parse_request(_with(**{name: neutral}))
+    for name in METADATA_ONLY:
+        parse_request(_with(**{name: "x"}))
+
+
+@pytest.mark.parametrize(
+    "name", ["repetition_penalty", "structured_outputs", "guided_json", "temprature"]
+)
+def test_fields_nobody_defined_here_are_a_400_naming_them(name):
+    with pytest.raises(RequestError) as info:
+        parse_request(_with(**{name: 1}))
+    assert info.value.code == "unsupported_parameter" and info.value.param == name
