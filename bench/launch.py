@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from engine.lifecycle import free_port  # noqa: F401 - one helper; tests import it from here
 
@@ -39,6 +41,7 @@ class ServerProcess:
     ) -> None:
         self.base_url = base_url
         self.log_path = log_path
+        _wait_port_free(base_url)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "QWEN3VL_RAY_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
         started = time.monotonic()
@@ -95,3 +98,21 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _wait_port_free(base_url: str, timeout_s: float = 90) -> None:
+    """Wait until ``base_url``'s port can be bound, as a server binds it (no SO_REUSEADDR):
+    nothing of a previous server listens there and no connection it closed first lingers in
+    TIME_WAIT (up to 60 s on Linux), which vLLM's server, for one, cannot bind next to."""
+    parts = urlsplit(base_url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind((parts.hostname, parts.port))
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {parts.port} still in use after {timeout_s:.0f}s")
+        time.sleep(0.5)

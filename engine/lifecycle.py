@@ -71,6 +71,11 @@ def terminate(instance: str, group: int | None = None, grace_s: float = 5.0) -> 
         time.sleep(0.1)
     for pid in left:
         _signal(pid, signal.SIGKILL)
+    # A killed process holds its sockets (the API port) until its exit is done, which for
+    # gigabytes of address space takes a moment: return only once they are gone.
+    deadline = time.monotonic() + grace_s
+    while left and processes_of(instance, group) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return left
 
 
