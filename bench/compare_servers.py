@@ -43,7 +43,7 @@ import yaml
 
 from bench.launch import ServerProcess
 from bench.vllm_client import run_vllm_bench
-from engine.config import DEFAULT_PROFILE, load_config
+from engine.config import DEFAULT_PROFILE, ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = "vllm"
@@ -84,6 +84,15 @@ def vllm_cli_args(engine_kwargs: dict) -> list[str]:
     return args
 
 
+def vllm_server_command(model: ModelConfig, port: int) -> list[str]:
+    """vLLM's own OpenAI server for ``model``, on the same engine settings as our profile."""
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model.resolved_model_path(), "--served-model-name", model.name,
+        "--host", "127.0.0.1", "--port", str(port), *vllm_cli_args(model.engine_kwargs),
+    ]  # fmt: skip
+
+
 def servers(
     profile_path: Path, port: int, tmp: Path, before: Path | None = None
 ) -> dict[str, tuple[list[str], dict, Path]]:
@@ -91,20 +100,7 @@ def servers(
     (direct: the replica serves the API port); the others show what each hop costs."""
     config = load_config(profile_path)
     model = config.primary
-    vllm_cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model.resolved_model_path(),
-        "--served-model-name",
-        model.name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *vllm_cli_args(model.engine_kwargs),
-    ]
+    vllm_cmd = vllm_server_command(model, port)
     found = {"vllm": (vllm_cmd, dict(model.env), REPO)}
     for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
         profile = yaml.safe_load(profile_path.read_text())

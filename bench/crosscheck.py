@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.compare_servers import vllm_cli_args
+from bench.compare_servers import vllm_server_command
 from bench.launch import ServerProcess, engine_command, free_port
 from bench.runner import RunSettings, machine, run_benchmark
 from bench.vllm_client import run_vllm_bench, vllm_bench_args, write_vllm_samples
@@ -45,20 +45,7 @@ def _target(name: str, port: int) -> tuple[list[str], dict, str, str]:
     if name == "engine":
         return engine_command(DEFAULT_PROFILE, port), {}, model.name, tokenizer
     if name == "vllm":  # vLLM's own OpenAI server, same engine settings
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            tokenizer,
-            "--served-model-name",
-            model.name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *vllm_cli_args(model.engine_kwargs),
-        ]
+        command = vllm_server_command(model, port)
         return command, dict(model.env), model.name, tokenizer
     command = [sys.executable, "-m", "bench.fake_server", "--port", str(port)]
     return command, {}, "fake-model", tokenizer

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.launch import ServerProcess, engine_command
+from engine.config import AppConfig
 
 
 class LiveServer(ServerProcess):
@@ -78,3 +79,15 @@ def image_message(url: str, text: str = "Describe the product in this picture.")
             ],
         }
     ]
+
+
+def two_tier_config(seqs: tuple[int, int], queued: tuple[int, int], **sections) -> AppConfig:
+    """A profile of a primary ``big`` and its fallback ``small`` (nothing started): running
+    slots and queue bounds per tier, plus any other sections (``admission=...``)."""
+    models = [
+        {"name": name, "model": name, "engine_kwargs": {"max_num_seqs": n},
+         "saturation": {"max_queued_requests": q}}
+        for name, n, q in zip(("big", "small"), seqs, queued, strict=True)
+    ]  # fmt: skip
+    routing = {"primary": "big", "fallbacks": ["small"]}
+    return AppConfig.model_validate({"models": models, "routing": routing, **sections})

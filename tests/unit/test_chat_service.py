@@ -17,7 +17,7 @@ from engine.config import AppConfig
 from engine.errors import EngineError, RequestError
 from engine.protocol import ChatCompletionRequest
 from engine.service import Call, ChatService, ClientGone
-from tests.utils import data_url, encode, noise_image
+from tests.utils import data_url, encode, noise_image, two_tier_config
 
 
 class FakeBackend:
@@ -75,27 +75,8 @@ class FakeBackend:
         pass
 
 
-def _config(**admission) -> AppConfig:
-    return AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": "big",
-                    "model": "x",
-                    "engine_kwargs": {"max_num_seqs": 1},
-                    "saturation": {"max_queued_requests": 0},
-                },
-                {
-                    "name": "small",
-                    "model": "y",
-                    "engine_kwargs": {"max_num_seqs": 1},
-                    "saturation": {"max_queued_requests": 0},
-                },
-            ],
-            "routing": {"primary": "big", "fallbacks": ["small"]},
-            "admission": {"retry_after_s": 2, **admission},
-        }
-    )
+def _config() -> AppConfig:
+    return two_tier_config((1, 1), (0, 0), admission={"retry_after_s": 2})
 
 
 def _service(**backends: FakeBackend) -> ChatService:

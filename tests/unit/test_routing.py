@@ -7,6 +7,7 @@ import pytest
 from engine.config import AppConfig
 from engine.errors import RequestError
 from engine.routing import Router
+from tests.utils import two_tier_config
 
 
 def _router(kv: dict | None = None) -> Router:
@@ -89,25 +90,7 @@ def test_requesting_the_fallback_by_name_has_no_further_fallback():
 
 
 def test_when_all_are_saturated_requests_queue_where_the_wait_is_shortest():
-    config = AppConfig.model_validate(
-        {
-            "models": [
-                {
-                    "name": "big",
-                    "model": "x",
-                    "engine_kwargs": {"max_num_seqs": 2},
-                    "saturation": {"max_queued_requests": 8},
-                },
-                {
-                    "name": "small",
-                    "model": "y",
-                    "engine_kwargs": {"max_num_seqs": 8},
-                    "saturation": {"max_queued_requests": 8},
-                },
-            ],
-            "routing": {"primary": "big", "fallbacks": ["small"]},
-        }
-    )
+    config = two_tier_config((2, 8), (8, 8))
     router = Router(config)
     served = _fill(router, 2 + 8 + 5)
     assert served[:10] == ["big"] * 2 + ["small"] * 8
