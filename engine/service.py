@@ -124,8 +124,6 @@ class ChatService:
         self,
         config: AppConfig,
         backends: Mapping[str, Backend],
-        decoder: images.DecodePool | None = None,
-        fetch_client: Any | None = None,  # httpx.AsyncClient for image URLs; made on first use
     ) -> None:
         self.config = config
         self.backends = dict(backends)
@@ -137,8 +135,8 @@ class ChatService:
                 if backend.kv_cache_usage is not None
             },
         )
-        self.decoder = decoder or images.DecodePool(config.images.decode_threads)
-        self.fetch_client = fetch_client
+        self.decoder = images.DecodePool(config.images.decode_threads)
+        self._http_client: Any = None  # for image URLs, made on first use
         self.draining = False
 
     # -- what the HTTP layer asks ----------------------------------------------------------
@@ -301,9 +299,9 @@ class ChatService:
             return await backend.prepare(call.request_id, call.request, conversation)
 
     def _fetch_client(self) -> Any:
-        if self.fetch_client is None:
-            self.fetch_client = fetch.fetch_client()
-        return self.fetch_client
+        if self._http_client is None:
+            self._http_client = fetch.fetch_client()
+        return self._http_client
 
 
 class _deadline:
