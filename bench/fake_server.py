@@ -46,7 +46,7 @@ class FakeChatServer:
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 method, path, _ = request_line.split(" ", 2)
                 if method == "POST" and path == "/v1/chat/completions":
-                    await self.chat(json.loads(body), writer)
+                    await self.chat(json.loads(body), writer, headers.get("x-request-id"))
                 elif path in ("/health", "/v1/models"):
                     data = {
                         "object": "list",
@@ -69,11 +69,15 @@ class FakeChatServer:
             + payload
         )
 
-    async def chat(self, body: dict, writer: asyncio.StreamWriter) -> None:
+    async def chat(
+        self, body: dict, writer: asyncio.StreamWriter, request_id: str | None = None
+    ) -> None:
         self.count += 1
         n = self.count
         model = self.served_models[n % len(self.served_models)]
         served = f"x-served-model: {model}\r\n"
+        if request_id is not None:  # echoed, as our server does: traces join across tiers
+            served += f"x-request-id: {request_id}\r\n"
         if self.error_every and n % self.error_every == 0:
             error = {
                 "error": {

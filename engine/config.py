@@ -21,8 +21,14 @@ GENERATED_PREFIX = "generated:"
 MODEL_SOURCES = "qwen3vl_serve.model_sources"  # entry-point group: a name -> resolve(spec)
 # Ray processes at normal priority (Ray starts workers at niceness 15, behind the engine);
 # replica log lines (one per request, keyed by its id) written when they happen: throughput
-# mode would buffer 1000 of them.
-DEFAULT_RAY_ENV = {"RAY_worker_niceness": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+# mode would buffer 1000 of them; and forwarded to the server's output as they come: Ray's
+# log deduplication holds lines that look alike across replicas ("<model>: vLLM ...") and
+# was seen to hold one until shutdown.
+DEFAULT_RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
 # How HTTP reaches the ingress replica (BENCHMARKS.md has the measurements):
 #   direct   the replica's own HTTP server (Ray Serve direct ingress) listens on the API port:
 #            no proxy hop, a client that hangs up is seen at once, tokens leave as they come.

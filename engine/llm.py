@@ -22,7 +22,7 @@ from typing import Any
 from engine.backend import GenerationDelta, Prepared
 from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
-from engine.process import keep_log_handlers
+from engine.process import keep_log_handlers, server_log
 from engine.protocol import ChatCompletionRequest
 
 logger = logging.getLogger("ray.serve")
@@ -61,7 +61,8 @@ class VllmBackend:
         self._control_tokens = control_token_pattern(self.llm.get_tokenizer())
         self.attention_backends = attention_backends(self.llm.vllm_config)
         version = _vllm_version()
-        logger.info(
+        # The replica's own log (its stderr, which Ray forwards to the server's output).
+        server_log().info(
             "%s: vLLM %s, attention backends %s", self.name, version, self.attention_backends
         )
         from engine.metrics import ENGINE_INFO

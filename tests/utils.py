@@ -31,7 +31,8 @@ class LiveServer(ServerProcess):
             f"http://127.0.0.1:{port}",
             log_path,
             timeout_s=timeout_s,
-            env={"QWEN3VL_INSTANCE": self.instance},
+            # replica log lines forwarded to the server's output, as a user sees them
+            env={"QWEN3VL_INSTANCE": self.instance, "QWEN3VL_RAY_LOGS": "1"},
         )
 
 

@@ -231,3 +231,12 @@ def test_engine_info_names_the_vllm_release_and_the_attention_backends(server):
         # what vLLM's selectors pick on this CPU: its CPU paged attention, SDPA for the ViT
         assert sample.labels["attention_backend"] == "CPU_ATTN"
         assert sample.labels["mm_encoder_attention_backend"] == "TORCH_SDPA"
+    # and the start-up line in the server's own output (README, "Run on a GPU": what to check)
+    line = (
+        f"{MODEL}: vLLM {vllm.__version__}, attention backends "
+        "{'decoder': 'CPU_ATTN', 'vision': 'TORCH_SDPA'}"
+    )
+    deadline = time.monotonic() + 10  # Ray's log monitor forwards worker output by polling
+    while line not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"no line {line!r} in the server's output"
+        time.sleep(0.2)

@@ -42,6 +42,8 @@ def _request(max_tokens: int) -> ChatCompletionRequest:
 
 async def _serve(model: HttpBackend, max_tokens: int) -> tuple[str, int, int, list[str | None]]:
     prepared = await model.prepare("req-1", _request(max_tokens), None)
+    # the tier got this tier's request id (it echoes what it received)
+    assert prepared.handle.headers.get_list("x-request-id") == ["req-1"]
     text, tokens, prompt, reasons = "", 0, 0, []
     async for delta in model.generate(prepared):
         text += delta.text

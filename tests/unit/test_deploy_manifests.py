@@ -664,3 +664,30 @@ def test_pods_wait_until_the_job_has_cached_the_pinned_commit(weights, monkeypat
     weights.fetch(download=lambda *args, **kwargs: pytest.fail("downloaded twice"))
     (tmp_path / ".qwen3vl-weights" / f"Qwen--Model@{other}").write_text("")
     assert not weights.is_ready("Qwen/Model", other)  # refs/main still names the first commit
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["gpu-prod", "keda"])
+def test_tiers_spread_over_zones_and_nodes_and_land_only_on_gpus_that_fit(overlay):
+    deployments = _by_kind(build(overlay), "Deployment")
+    least_memory = {"qwen3vl-primary": 40000, "qwen3vl-fallback": 20000}  # MiB, 8B and 2B
+    for name, floor in least_memory.items():
+        spec = deployments[name]["spec"]["template"]["spec"]
+        spread = spec["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {
+            "topology.kubernetes.io/zone",
+            "kubernetes.io/hostname",
+        }
+        component = deployments[name]["spec"]["selector"]["matchLabels"]
+        assert all(c["labelSelector"]["matchLabels"] == component for c in spread)
+        (term,) = spec["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        rules = {e["key"]: e for e in term["matchExpressions"]}
+        assert rules["nvidia.com/gpu.memory"]["operator"] == "Gt"
+        assert int(rules["nvidia.com/gpu.memory"]["values"][0]) >= floor
+        assert rules["nvidia.com/gpu.compute.major"] == {
+            "key": "nvidia.com/gpu.compute.major",
+            "operator": "Gt",
+            "values": ["7"],  # FLASH_ATTN and bf16: Ampere or newer
+        }
