@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,11 +92,11 @@ def _registry_reachable() -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.parametrize("python_version", ["3.11", "3.12"])  # the floor; the GPU image's
-def test_gpu_image_install_resolves_from_wheels_with_cuda_torch(python_version, tmp_path):
-    if not _registry_reachable():
-        pytest.skip("no package registry")
-    requirements = tmp_path / "requirements.txt"
+PYTHONS = ("3.11", "3.12")  # the floor; the GPU image's
+
+
+def _resolve(python_version: str, directory: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    requirements = directory / f"requirements-{python_version}.txt"
     requirements.write_text(
         subprocess.run(
             [sys.executable, str(REPO / "scripts/requirements.py"), "gpu"],
@@ -105,7 +106,7 @@ def test_gpu_image_install_resolves_from_wheels_with_cuda_torch(python_version, 
         ).stdout
         + f"vllm=={_arg('VLLM_VERSION')}\n"
     )
-    report = tmp_path / "report.json"
+    report = directory / f"report-{python_version}.json"
     # The image's install, for its platform: glibc 2.39 (Ubuntu 24.04), x86_64, wheels only.
     result = subprocess.run(
         [
@@ -132,6 +133,23 @@ def test_gpu_image_install_resolves_from_wheels_with_cuda_torch(python_version, 
         timeout=900,
         env=_registry_only_env(),
     )
+    return result, report
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Both resolutions at once (each waits on the registry, not the CPU)."""
+    if not _registry_reachable():
+        pytest.skip("no package registry")
+    directory = tmp_path_factory.mktemp("resolve")
+    with ThreadPoolExecutor(len(PYTHONS)) as pool:
+        results = pool.map(lambda version: _resolve(version, directory), PYTHONS)
+        return dict(zip(PYTHONS, results, strict=True))
+
+
+@pytest.mark.parametrize("python_version", PYTHONS)
+def test_gpu_image_install_resolves_from_wheels_with_cuda_torch(python_version, resolved):
+    result, report = resolved[python_version]
     assert result.returncode == 0, result.stderr[-3000:]
     installs = {
         item["metadata"]["name"].lower(): item for item in json.loads(report.read_text())["install"]
