@@ -155,6 +155,16 @@ class StreamingClient:
         return records, duration
 
 
+def aiohttp_session(base_url: str) -> aiohttp.ClientSession:
+    """A pool as ``StreamingClient``'s, for callers that send their own bodies (the soak's
+    malformed requests): aiohttp, as vLLM's benchmark client (httpx costs too much CPU here)."""
+    return aiohttp.ClientSession(
+        base_url=base_url,
+        timeout=aiohttp.ClientTimeout(total=600),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60),
+    )
+
+
 def _error_message(payload: bytes) -> str | None:
     try:
         error = json.loads(payload).get("error", {})

@@ -78,8 +78,58 @@ def write_comparison(runs: list[Run], out: Path, baseline: str) -> str:
 def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
     """Launch (or reach) each variant in turn, run the same workload(s), write the comparison.
     ``run`` may be one settings mapping or a list (e.g. concurrency 1 and 32): each variant is
-    launched once and runs them all; each gets its own table (``out/<i>/compare.md``)."""
+    launched once and runs them all; each gets its own table (``out/<i>/compare.md``).
+    ``rounds: N`` repeats it all N times, the variants' order reversed every other round
+    (``out/round-<r>/``), and adds the mean over rounds of each same-round ratio."""
     spec = yaml.safe_load(spec_path.read_text())
+    rounds = int(spec.get("rounds", 1))
+    baseline = spec.get("baseline") or spec["variants"][0]["name"]
+    if rounds == 1:
+        return _variants_round(spec, out, baseline, spec["variants"], progress)[0]
+    tables, all_runs = [], []
+    for number in range(1, rounds + 1):
+        order = spec["variants"] if number % 2 else spec["variants"][::-1]
+        table, runs = _variants_round(spec, out / f"round-{number}", baseline, order, progress)
+        tables.append(f"## round {number}\n\n{table}")
+        all_runs.append(runs)
+    summary = mean_ratios(all_runs, baseline)
+    (out / "summary.md").write_text(summary + "\n")
+    return "\n\n".join([*tables, summary])
+
+
+def mean_ratios(rounds: list[list[list[Run]]], baseline: str) -> str:
+    """Per variant and workload: the mean over rounds of its ratio to the baseline's run in the
+    same round (and the range), for each of ``RATIOS``."""
+    header = "| variant | stage | " + " | ".join(f"{n} vs {baseline}" for _, n in RATIOS) + " |"
+    lines = [f"## mean of {len(rounds)} rounds (range)", "", header, separator(header)]
+    for plan in range(len(rounds[0])):
+        labels = [r.label for r in rounds[0][plan]]
+        for label in labels:
+            for stage in range(len(rounds[0][plan][0].stages)):
+                cells = []
+                for key, _ in RATIOS:
+                    values = []
+                    for one in rounds:
+                        runs = {r.label: r for r in one[plan]}
+                        value, base = (
+                            runs[label].stages[stage][key],
+                            runs[baseline].stages[stage][key],
+                        )
+                        if value and base:
+                            values.append(value / base)
+                    cells.append(
+                        f"{sum(values) / len(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+                        if values
+                        else "-"
+                    )
+                name = rounds[0][plan][0].stages[stage]["stage"]
+                lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _variants_round(
+    spec: dict, out: Path, baseline: str, variants: list[dict], progress: bool
+) -> tuple[str, list[list[Run]]]:
     plans = spec.get("run", {})
     plans = plans if isinstance(plans, list) else [plans]
     runs: list[list[Run]] = [[] for _ in plans]
@@ -92,7 +142,7 @@ def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
             )
             runs[i].append(run_benchmark(settings, run_dir))
 
-    for variant in spec["variants"]:
+    for variant in variants:
         name = variant["name"]
         if "config" not in variant:
             play(variant["url"], variant["model"], name, {})
@@ -113,7 +163,9 @@ def compare_variants(spec_path: Path, out: Path, progress: bool = True) -> str:
                 play(server.base_url, model, name, extra)
             finally:
                 server.stop()
-    baseline = spec.get("baseline") or spec["variants"][0]["name"]
+    order = [v["name"] for v in spec["variants"]]  # tables in the spec's order, every round
+    runs = [sorted(r, key=lambda run: order.index(run.label)) for r in runs]
     if len(plans) == 1:
-        return write_comparison(runs[0], out, baseline)
-    return "\n\n".join(write_comparison(r, out / str(i), baseline) for i, r in enumerate(runs))
+        return write_comparison(runs[0], out, baseline), runs
+    tables = [write_comparison(r, out / str(i), baseline) for i, r in enumerate(runs)]
+    return "\n\n".join(tables), runs

@@ -7,6 +7,10 @@ the rest ``itl_ms`` apart, then a usage chunk and ``[DONE]``. The n-th request (
 arrival order) is refused with ``--error-status`` when n is a multiple of ``--error-every``,
 and is answered as ``--served-models[n % len]`` (the ``x-served-model`` header). With zero
 delays it answers as fast as asyncio can write, which is how the harness's own speed is measured.
+``--role-chunk`` first sends a role-only chunk (``{"role": "assistant", "content": ""}``, as
+vLLM's server does) at ``ttft_ms`` and the tokens from then on, ``itl_ms`` apart: a client
+that took the first *content* for the first token, or counted chunks instead of ``usage``,
+would measure something else than vLLM's client.
 
 Plain asyncio streams and hand-written HTTP/1.1 (keep-alive, chunked): no framework overhead.
 """
@@ -27,11 +31,13 @@ class FakeChatServer:
         error_every: int = 0,
         error_status: int = 429,
         prompt_tokens: int = 100,
+        role_chunk: bool = False,
     ) -> None:
         self.ttft_s, self.itl_s = ttft_s, itl_s
         self.served_models = served_models
         self.error_every, self.error_status = error_every, error_status
         self.prompt_tokens = prompt_tokens
+        self.role_chunk = role_chunk
         self.count = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -104,8 +110,12 @@ class FakeChatServer:
             head + '"choices": [{"index": 0, "delta": {"content": "tok"}, "finish_reason": null}]}'
         )
         last = token.replace('"finish_reason": null', '"finish_reason": "length"')
+        if self.role_chunk:
+            await asyncio.sleep(self.ttft_s)
+            role = '{"role": "assistant", "content": ""}'
+            writer.write(event(token.replace('{"content": "tok"}', role)))
         for i in range(tokens):
-            delay = self.ttft_s if i == 0 else self.itl_s
+            delay = self.ttft_s if i == 0 and not self.role_chunk else self.itl_s
             if delay:
                 await writer.drain()
                 await asyncio.sleep(delay)
@@ -134,6 +144,7 @@ def main() -> None:
     parser.add_argument("--served-models", default="fake-model", help="comma-separated")
     parser.add_argument("--error-every", type=int, default=0)
     parser.add_argument("--error-status", type=int, default=429)
+    parser.add_argument("--role-chunk", action="store_true", help="a role-only chunk first")
     args = parser.parse_args()
     server = FakeChatServer(
         args.ttft_ms / 1000,
@@ -141,6 +152,7 @@ def main() -> None:
         tuple(args.served_models.split(",")),
         args.error_every,
         args.error_status,
+        role_chunk=args.role_chunk,
     )
     from bench.client import run_async
 

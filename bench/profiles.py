@@ -78,6 +78,16 @@ def gamma_arrivals(rate: float, count: int, burstiness: float, rng: random.Rando
     return times
 
 
+def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
+    """Send times (seconds from the start) of a Poisson process at ``rate`` per second that
+    fall within ``duration_s`` (the soak's open loop)."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while (t := t + rng.expovariate(rate)) < duration_s:
+        arrivals.append(t)
+    return arrivals
+
+
 @register
 class Concurrency(Profile):
     name = "concurrency"

@@ -32,14 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import yaml
 
-from bench.burst import percentile, poisson_arrivals, session
+from bench.client import aiohttp_session
 from bench.launch import ServerProcess, engine_command, free_port
+from bench.profiles import poisson_arrivals
 from bench.workload import build_requests
 from engine.config import CONFIG_DIR, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """As the harness's metrics (numpy, linear interpolation); None without values."""
+    return float(np.percentile(values, q)) if values else None
+
+
 MEMORY_TOLERANCE = 0.10
 # share of each kind in the offered load
 MIX = {"product": 0.70, "phone": 0.10, "bad": 0.20}
@@ -154,7 +163,7 @@ async def closed_loop(base: str, traffic: Traffic, concurrency: int, count: int)
     """Completed (200) requests per second of the mix at fixed concurrency."""
     jobs = [traffic.next() for _ in range(count)]
     completed = 0
-    async with session(base) as http:
+    async with aiohttp_session(base) as http:
 
         async def worker() -> None:
             nonlocal completed
@@ -207,7 +216,7 @@ async def open_loop(
     arrivals = poisson_arrivals(rate, duration_s, seed)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
     health: list[int] = []
-    async with session(base) as http:
+    async with aiohttp_session(base) as http:
         started = time.perf_counter()
         done = asyncio.Event()
 

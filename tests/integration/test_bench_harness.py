@@ -243,3 +243,17 @@ def test_compare_launches_a_variant_with_the_engine_cli_and_compares_it(server, 
     assert session.stages[0]["served_share"] == {"qwen3-vl-tiny": 1.0}
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| launched | concurrency 2 |" in table and "Server start to healthy: launched" in table
+
+
+def test_the_harness_measures_ttft_tpot_and_itl_as_vllms_client_does(tmp_path):
+    """Both clients on the same requests to a server of fixed timing (a role-only chunk first,
+    as vLLM's server sends): a definition that differs shows as a ratio off 1."""
+    from bench.crosscheck import TIMED_ITL_MS, TIMED_TTFT_MS, crosscheck
+
+    report = crosscheck(
+        "timed", tmp_path, num_prompts=48, concurrency=4, output_len=16, rounds=2, warmup=8
+    )
+    assert report["within_5_percent"], report["ratio_harness_over_vllm"]
+    harness = [r for r in report["rows"] if r["client"] == "harness"]
+    assert all(abs(r["median_ttft_ms"] - TIMED_TTFT_MS) < 0.25 * TIMED_TTFT_MS for r in harness)
+    assert all(abs(r["median_itl_ms"] - TIMED_ITL_MS) < 0.5 * TIMED_ITL_MS for r in harness)
