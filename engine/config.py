@@ -116,6 +116,13 @@ class RequestLimits(_Strict):
     max_text_chars: int = Field(
         1_000_000, ge=1, description="Characters of text over all messages (about 250k tokens)."
     )
+    max_n: int = Field(
+        8,
+        ge=1,
+        le=128,
+        description="Most choices (n) in one request; each is a sequence in the engine, while "
+        "admission counts the request once.",
+    )
 
 
 class SaturationPolicy(_Strict):
@@ -161,7 +168,8 @@ def resolve_model(model: str) -> str:
 
 
 class ModelConfig(_Strict):
-    """One served model: a vLLM engine inside a Ray Serve deployment."""
+    """One served model: a vLLM engine (or an ONNX export on ONNX Runtime) inside a Ray
+    Serve deployment."""
 
     name: str = Field(description="Model id clients send in `model` and see in /v1/models.")
     model: str = Field(
@@ -176,8 +184,15 @@ class ModelConfig(_Strict):
         "this model (in Kubernetes, the fallback tier's Service). No engine starts here; "
         "overflow requests are forwarded there over HTTP, strict and streaming.",
     )
+    runtime: Literal["vllm", "onnx"] = Field(
+        "vllm",
+        description="What runs the model: 'vllm' (AsyncLLM), or 'onnx' (an export of "
+        "`python -m export onnx` on ONNX Runtime, engine/onnx_engine.py).",
+    )
     engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Passed as is to vLLM's AsyncEngineArgs."
+        default_factory=dict,
+        description="vllm: passed as is to vLLM's AsyncEngineArgs. onnx: max_num_seqs, "
+        "max_model_len, providers, intra_op_num_threads.",
     )
     env: dict[str, str] = Field(
         default_factory=dict,

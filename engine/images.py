@@ -210,8 +210,14 @@ async def build_conversation(
     conversation = []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
+        turn: dict[str, Any] = {"role": role}
+        if message.tool_calls:
+            turn["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            turn["tool_call_id"] = message.tool_call_id
+        conversation.append(turn)
         if not isinstance(message.content, list):
-            conversation.append({"role": role, "content": message.content or ""})
+            turn["content"] = message.content or ""
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(message.content):
@@ -230,7 +236,7 @@ async def build_conversation(
                     part.image_url.url, limits, param, fetch_client, decoder
                 )
                 parts.append({"type": "image_pil", "image_pil": image, "uuid": content_id})
-        conversation.append({"role": role, "content": parts})
+        turn["content"] = parts
     return conversation
 
 

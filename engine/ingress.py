@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from engine import lifecycle, metrics
-from engine.backend import Backend
+from engine.backend import Backend, engine_backend
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError, error_payload
 from engine.intake import (
@@ -40,7 +40,6 @@ from engine.intake import (
     read_body,
     request_id_of,
 )
-from engine.llm import VllmBackend
 from engine.process import server_log
 from engine.remote import HttpBackend, RayBackend
 from engine.service import Call, ChatService, ClientGone
@@ -117,8 +116,9 @@ def _headers(call: Call, served: str, given_id: str | None) -> dict[str, str]:
 
 
 def build_backends(config: AppConfig, handles: dict[str, Any]) -> dict[str, Backend]:
-    """The primary's vLLM engine in this process; fallbacks by Ray handle or by URL."""
-    primary = VllmBackend(config.primary)
+    """The primary's engine in this process (vLLM or ONNX Runtime, by its ``runtime``);
+    fallbacks by Ray handle or by URL."""
+    primary = engine_backend(config.primary)
     backends: dict[str, Backend] = {primary.name: primary}
     for name, handle in handles.items():
         backends[name] = RayBackend(name, handle)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from engine.config import AppConfig, RequestLimits
 from engine.errors import RequestError
-from engine.protocol import NOT_SERVED, ChatCompletionRequest, unsupported_field
+from engine.protocol import NOT_SERVED, ChatCompletionRequest, NamedToolChoice, unsupported_field
 
 TIMEOUT_HEADER = "x-request-timeout-s"
 FALLBACK_HEADER = "x-allow-fallback"
@@ -86,6 +86,7 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
             f"{where}: {first['msg']}" if where else first["msg"], param=where or None
         ) from None
     check_supported(request)
+    check_features(request)
     check_shape(request, limits)
     return request
 
@@ -102,12 +103,53 @@ def check_supported(request: ChatCompletionRequest) -> None:
     raise RequestError(message, code="unsupported_parameter", param=name)
 
 
+def check_features(request: ChatCompletionRequest) -> None:
+    """Fields that are valid alone but not together, each a 400 naming the field."""
+    for i, message in enumerate(request.messages):
+        if message.tool_calls and message.role != "assistant":
+            _conflict("only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+        if message.role == "tool" and not message.tool_call_id:
+            _conflict("a tool message needs the tool_call_id it answers", f"messages.{i}")
+    if request.top_logprobs and not request.logprobs:
+        _conflict("top_logprobs needs logprobs: true", "top_logprobs")
+    if request.tool_choice not in (None, "none") and not request.tools:
+        _conflict("tool_choice needs tools", "tool_choice")
+    names = [t.function.name for t in request.tools or ()]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            _conflict(f"two tools are named {name!r}", f"tools.{i}.function.name")
+    if isinstance(request.tool_choice, NamedToolChoice):
+        name = request.tool_choice.function.name
+        names = sorted(t.function.name for t in request.tools or ())
+        if name not in names:
+            _conflict(
+                f"tool_choice names {name!r}, which is not among the tools {names}",
+                "tool_choice.function.name",
+            )
+    constraint = request.output_constraint_field
+    if request.forced_tool_call and constraint:
+        _conflict(
+            f"tool_choice {request.tool_choice_kind!r} fixes the output's format; {constraint} "
+            "cannot be given with it",
+            constraint,
+        )
+
+
+def _conflict(message: str, param: str) -> None:
+    raise RequestError(message, param=param)
+
+
 def _neutral(name: str) -> str:
     return " or ".join(json.dumps(value) for value in NOT_SERVED[name])
 
 
 def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
-    """Messages, content parts and characters of text within the profile's limits."""
+    """Choices, messages, content parts and characters of text within the profile's limits."""
+    if request.n > limits.max_n:
+        raise RequestError(
+            f"n is {request.n}; this server returns at most {limits.max_n} choices per request",
+            param="n",
+        )
     if len(request.messages) > limits.max_messages:
         raise RequestError(
             f"request has {len(request.messages)} messages; at most {limits.max_messages} "
@@ -122,6 +164,7 @@ def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
         elif message.content:
             parts += len(message.content)
             chars += sum(len(p.text) for p in message.content if p.type == "text")
+        chars += sum(len(call.function.arguments) for call in message.tool_calls or ())
     if parts > limits.max_content_parts:
         raise RequestError(
             f"request has {parts} content parts; at most {limits.max_content_parts} are allowed",

@@ -13,17 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from engine.backend import GenerationDelta, Prepared
+from engine.choices import ChoiceShaper
 from engine.config import ModelConfig
+from engine.defuse import control_token_pattern, defuse_control_tokens, defuse_strings
 from engine.errors import EngineError, RequestError
 from engine.process import keep_log_handlers, server_log
 from engine.protocol import ChatCompletionRequest
+from engine.sampling import sampling_params, tool_dicts
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,6 +39,7 @@ class VllmRequest:
     # Unique in the engine even when clients reuse an x-request-id (an abort of one must not
     # abort the other).
     engine_request_id: str
+    request: ChatCompletionRequest  # how its output is shaped (tool calls, logprobs, n)
 
 
 class VllmBackend:
@@ -74,8 +77,7 @@ class VllmBackend:
     ) -> Prepared[VllmRequest]:
         """Render the conversation (images already decoded) and validate it against the context."""
         from vllm.exceptions import VLLMClientError
-        from vllm.renderers.params import TokenizeParams
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.renderers.params import ChatParams, TokenizeParams
 
         max_tokens = request.output_token_limit
         if max_tokens is not None and max_tokens >= self.max_model_len:
@@ -93,9 +95,15 @@ class VllmBackend:
             max_output_tokens_param="max_tokens",
         )
         defuse_control_tokens(conversation, self._control_tokens)
+        chat_params = self._chat_params
+        tools = tool_dicts(request)
+        if tools:
+            tools = defuse_strings(tools, self._control_tokens)
+            kwargs = {**chat_params.chat_template_kwargs, "tools": tools}
+            chat_params = ChatParams(chat_template_kwargs=kwargs)
         try:
             _, (engine_input,) = await self.llm.renderer.render_chat_async(
-                [conversation], self._chat_params, tok_params
+                [conversation], chat_params, tok_params
             )
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise RequestError(str(exc), code=_client_error_code(str(exc))) from None
@@ -116,31 +124,9 @@ class VllmBackend:
                 code="context_length_exceeded",
                 param="max_tokens",
             )
-        sampling = dict(self._default_sampling)
-        for field in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-            "stop",
-            "min_tokens",
-            "presence_penalty",
-            "frequency_penalty",
-        ):
-            value = getattr(request, field)
-            if value is not None:
-                sampling[field] = value
-        try:
-            params = SamplingParams(
-                **sampling,
-                max_tokens=max_tokens,
-                ignore_eos=request.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
-            )
-        except (VLLMClientError, ValueError) as exc:
-            raise RequestError(str(exc), code="invalid_sampling_params") from None
+        params = sampling_params(request, self._default_sampling, max_tokens, self.llm)
         engine_request_id = f"{request_id}-{uuid.uuid4().hex[:12]}"
-        handle = VllmRequest(engine_input, params, engine_request_id)
+        handle = VllmRequest(engine_input, params, engine_request_id, request)
         return Prepared(request_id, prompt_tokens, handle)
 
     async def generate(self, prepared: Prepared[VllmRequest]) -> AsyncIterator[GenerationDelta]:
@@ -150,19 +136,42 @@ class VllmBackend:
 
         finished = False
         handle = prepared.handle
+        request = handle.request
+        plain = request.n == 1 and request.tool_choice_kind == "none" and not request.logprobs
+        shapers: dict[int, ChoiceShaper] = {}
         outputs = self.llm.generate(
             handle.engine_input, handle.sampling_params, handle.engine_request_id
         )
         try:
             async for output in outputs:
-                completion = output.outputs[0]
                 finished = output.finished
-                yield GenerationDelta(
-                    text=completion.text,
-                    num_tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason if output.finished else None,
-                    prompt_tokens=prepared.prompt_tokens,
-                )
+                for completion in output.outputs:
+                    reason = completion.finish_reason
+                    if plain:  # the common case, on the hot path: no shaping
+                        yield GenerationDelta(
+                            completion.text,
+                            len(completion.token_ids),
+                            reason,
+                            prepared.prompt_tokens,
+                        )
+                        continue
+                    shaper = shapers.get(completion.index)
+                    if shaper is None:
+                        shaper = shapers[completion.index] = ChoiceShaper(
+                            request, self._hermes_parser
+                        )
+                    content, calls, logprobs, reason = shaper.step(
+                        completion.text, completion.token_ids, completion.logprobs, reason
+                    )
+                    yield GenerationDelta(
+                        content,
+                        len(completion.token_ids),
+                        reason,
+                        prepared.prompt_tokens,
+                        completion.index,
+                        calls,
+                        logprobs,
+                    )
         except EngineDeadError as exc:
             finished = True  # nothing to abort in a dead engine
             raise EngineError(f"the engine is dead: {exc}", status_code=503) from exc
@@ -175,6 +184,12 @@ class VllmBackend:
                 # seconds while the engine generates for nobody: abort explicitly, now.
                 self._abort(handle.engine_request_id)
                 self._in_background(outputs.aclose())
+
+    def _hermes_parser(self) -> Any:
+        """vLLM's hermes tool-call parser (Qwen3's ``<tool_call>`` JSON), one per choice."""
+        from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+        return Hermes2ProToolParser(self.llm.get_tokenizer())
 
     async def abort(self, prepared: Prepared[VllmRequest]) -> None:
         """Abort in the engine (a no-op for a request it does not hold)."""
@@ -199,41 +214,6 @@ class VllmBackend:
 
     async def aclose(self) -> None:
         self.llm.shutdown()
-
-
-_WORD_JOINER = "\u2060"
-
-
-def control_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern of the tokenizer's added and special tokens (``<|im_start|>``,
-    ``<|image_pad|>``, ``<tool_call>``, ...): each is matched whole wherever it appears."""
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    tokens = {t.content for t in added.values()}
-    tokens |= set(getattr(tokenizer, "all_special_tokens", None) or ())
-    tokens = {t for t in tokens if len(t) > 1}
-    if not tokens:
-        return None
-    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
-
-
-def defuse_control_tokens(conversation: list[dict[str, Any]], pattern: re.Pattern[str] | None):
-    """Client text that spells a special token stays text: a word joiner after its first
-    character keeps the tokenizer from reading it as the control token (no role spoofing
-    with ``<|im_start|>``, no stray ``<|image_pad|>`` placeholders). In place."""
-    if pattern is None:
-        return
-
-    def defuse(text: str) -> str:
-        return pattern.sub(lambda m: m[0][0] + _WORD_JOINER + m[0][1:], text)
-
-    for message in conversation:
-        content = message["content"]
-        if isinstance(content, str):
-            message["content"] = defuse(content)
-            continue
-        for part in content:
-            if part.get("type") == "text":
-                part["text"] = defuse(part["text"])
 
 
 def attention_backends(vllm_config: Any) -> dict[str, str]:

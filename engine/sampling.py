@@ -1,0 +1,127 @@
+"""A chat request's sampling parameters for vLLM: sampling, choices, log-probabilities,
+stops, and the structured-output constraint its format asks for.
+
+Structured output goes through vLLM's own structured-outputs backend (xgrammar in our
+profiles, no hand-written decoder). Where the constraint comes from:
+
+| request                                   | vLLM constraint                              |
+|-------------------------------------------|----------------------------------------------|
+| ``response_format: json_schema``          | ``json`` = the schema                        |
+| ``response_format: json_object``          | ``json_object``                              |
+| ``structured_outputs: {json|regex|choice|grammar|json_object}`` | the same (vLLM's extension) |
+| ``tool_choice: {"type": "function", ...}``| ``json`` = that function's parameters        |
+| ``tool_choice: required``                 | ``json`` = an array of calls (``choices.tool_call_schema``) |
+
+The profiles set ``structured_outputs_config.disable_any_whitespace``: the JSON grammar
+then allows no free whitespace, so an untrained or weak model cannot fill ``max_tokens``
+with newlines after a ``{`` (vLLM's server did exactly that here for a product schema).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.choices import named_tool_schema, tool_call_schema
+from engine.errors import RequestError
+from engine.protocol import ChatCompletionRequest
+
+# Request fields that map one to one onto vLLM's SamplingParams.
+_PASSED_THROUGH = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
+)
+
+
+def constraint_of(request: ChatCompletionRequest) -> tuple[dict[str, Any], str] | None:
+    """The structured-output constraint (StructuredOutputsParams keywords) and the request
+    field it came from, or None."""
+    kind = request.tool_choice_kind
+    if kind == "named":
+        return {"json": named_tool_schema(request)}, "tool_choice"
+    if kind == "required":
+        return {"json": tool_call_schema(request)}, "tools"
+    if request.structured_outputs is not None:
+        given = request.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        return given, "structured_outputs." + next(iter(given))
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"json_object": True}, "response_format"
+    return {"json": fmt.json_schema.schema_}, "response_format.json_schema.schema"  # type: ignore[union-attr]
+
+
+def sampling_params(
+    request: ChatCompletionRequest, defaults: dict[str, Any], max_tokens: int, engine: Any
+) -> Any:
+    """vLLM ``SamplingParams`` for ``request`` (``defaults``: the model's generation config),
+    validated against ``engine``'s model and structured-output backend: a constraint the
+    backend cannot compile (an invalid schema or regex) is a 400 naming its field here,
+    before anything is sent."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    sampling = dict(defaults)
+    for field in _PASSED_THROUGH:
+        value = getattr(request, field)
+        if value is not None:
+            sampling[field] = value
+    if request.logit_bias:
+        sampling["logit_bias"] = {int(k): v for k, v in request.logit_bias.items()}
+    if request.logprobs:
+        sampling["logprobs"] = request.top_logprobs or 0
+    if request.n > 1:
+        sampling["n"] = request.n
+    if request.tool_choice_kind != "none":
+        # Qwen3's <tool_call> tags are special tokens in some tokenizers: keep them in the
+        # text the parser reads (as vLLM's hermes parser does).
+        sampling["skip_special_tokens"] = False
+    constraint = constraint_of(request)
+    param = None
+    if constraint is not None:
+        keywords, param = constraint
+        try:
+            sampling["structured_outputs"] = StructuredOutputsParams(**keywords)
+        except (VLLMValidationError, ValueError, TypeError) as exc:
+            raise RequestError(f"{param}: {exc}", param=param) from None
+    try:
+        params = SamplingParams(
+            **sampling,
+            max_tokens=max_tokens,
+            ignore_eos=request.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        if constraint is not None or request.logprobs or request.stop_token_ids:
+            config = engine.vllm_config
+            params.verify(
+                engine.model_config,
+                config.speculative_config,
+                config.structured_outputs_config,
+                engine.get_tokenizer(),
+            )
+    except (VLLMValidationError, ValueError) as exc:
+        where = param or getattr(exc, "parameter", None)
+        message = str(exc).strip()
+        raise RequestError(
+            f"{where}: {message}" if where else message,
+            code="invalid_structured_output" if param else "invalid_sampling_params",
+            param=where,
+        ) from None
+    return params
+
+
+def tool_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as the chat template receives them (none when tool_choice is none: the
+    model is not told of tools it may not call)."""
+    if request.tool_choice_kind == "none":
+        return None
+    return [json.loads(tool.model_dump_json(exclude_none=True)) for tool in request.tools or ()]
