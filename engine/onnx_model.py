@@ -123,6 +123,10 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting between calls: the threads would spin on cores the event loop, the
+        # image decoding and (on a small node) everything else need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {
             name: ort.InferenceSession(str(self.dir / f"{name}.onnx"), options, providers=providers)
