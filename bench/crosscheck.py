@@ -42,7 +42,10 @@ METRICS = {
     "median_itl_ms": ("p50_itl_ms", "median_itl_ms"),
 }
 TOLERANCE = 0.05
-TIMED_TTFT_MS, TIMED_ITL_MS = 60, 8  # the timed fake server's
+# The timed fake server's. TTFT well above what a client itself adds (vLLM's client measured
+# ~3 ms more than the harness at 60 ms: 0.947x, a failed CI run) and the gap from the role
+# chunk to the first content large against 5% of it (counting TTFT there is +13%).
+TIMED_TTFT_MS, TIMED_ITL_MS = 150, 20
 
 
 def _target(name: str, port: int) -> tuple[list[str], dict, str, str]:

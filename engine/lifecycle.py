@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import select
 import signal
 import socket
@@ -177,7 +178,21 @@ def wait_for_health(url: str, timeout_s: float, check=None) -> None:
         time.sleep(1)
 
 
+# Below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker ports
+# (10002-19999): a port the kernel hands out (port 0) can be taken, between this choice and
+# the server binding it, by any of the dozens of sockets Ray and vLLM open as they start (a
+# test server's replica once found its port held by one: "No available ports").
+_PORTS = range(20000, 32768)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, outside the ranges that start-up grabs at random."""
+    for port in random.sample(_PORTS, 200):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")

