@@ -9,6 +9,7 @@ group (the supervisor's child): the test looks for both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,11 +25,14 @@ import pytest
 import yaml
 
 from bench.launch import ServerProcess, engine_command, free_port
-from engine.config import DEFAULT_PROFILE
+from engine.config import CONFIG_DIR, DEFAULT_PROFILE
 from engine.lifecycle import INSTANCE_ENV, processes_of
 
 pytestmark = pytest.mark.slow
 MODEL = "qwen3-vl-tiny"
+# The same supervisor, Ray, Serve and replica with an ONNX Runtime engine in it: it starts in
+# a third of vLLM's time. The tests that must show vLLM's own processes gone use vLLM.
+ONNX_PROFILE, ONNX_MODEL = CONFIG_DIR / "cpu-tiny-onnx.yaml", "qwen3-vl-tiny-onnx"
 GONE_WITHIN_S = 30
 LONG_STREAM_TOKENS = 3000  # a few seconds on the tiny model: long enough to probe the drain
 
@@ -38,12 +42,14 @@ def port() -> int:
     return free_port()
 
 
-def _start(port: int, tmp_path: Path, ingress: str = "auto") -> tuple[ServerProcess, str]:
-    """The default profile on ``port``; ``ingress`` as ``server.ingress`` (auto: direct)."""
+def _start(
+    port: int, tmp_path: Path, ingress: str = "auto", profile: Path = DEFAULT_PROFILE
+) -> tuple[ServerProcess, str]:
+    """``profile`` (the default one) on ``port``; ``ingress`` as ``server.ingress`` (auto:
+    direct)."""
     instance = uuid.uuid4().hex
-    profile = DEFAULT_PROFILE
     if ingress != "auto":
-        data = yaml.safe_load(DEFAULT_PROFILE.read_text())
+        data = yaml.safe_load(profile.read_text())
         data["server"]["ingress"] = ingress
         profile = tmp_path / f"profile-{ingress}.yaml"
         profile.write_text(yaml.safe_dump(data))
@@ -92,7 +98,8 @@ def _assert_nothing_left(
     }
     server.stop(timeout_s=5)
     for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may go after all, and late
+            os.kill(pid, signal.SIGKILL)
     sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
     on_port = [line for line in sockets.splitlines() if f":{port} " in line]
     pytest.fail(
@@ -102,9 +109,9 @@ def _assert_nothing_left(
     )
 
 
-def _chat(stream: bool, max_tokens: int) -> dict:
+def _chat(stream: bool, max_tokens: int, model: str = MODEL) -> dict:
     return {
-        "model": MODEL,
+        "model": model,
         "stream": stream,
         "max_tokens": max_tokens,
         "ignore_eos": True,
@@ -172,7 +179,9 @@ def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothin
     assert events[-1] == {"done": True}
     finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e.get("choices")]
     assert finish[-1] == "length", events[-3:]
-    _assert_nothing_left(server, instance, groups, port, sent)
+    # Counted from the drain's end: the stream's own length (machine-dependent) is not the
+    # shutdown's (measured 2026-12-02: 33 s from the signal here, of which ~15 s streaming).
+    _assert_nothing_left(server, instance, groups, port, time.monotonic())
     assert server.proc.returncode == 0
 
 
@@ -182,11 +191,17 @@ def test_sigterm_to_the_process_group_drains_a_running_stream_then_leaves_nothin
     "sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["sigkill", "sigterm", "sigint"]
 )
 def test_a_signal_to_the_server_process_leaves_nothing_and_the_port_restarts(sig, port, tmp_path):
-    server, instance = _start(port, tmp_path)  # on the port the previous test's server used
-    ok = httpx.post(f"{server.base_url}/v1/chat/completions", json=_chat(False, 8), timeout=60)
+    # SIGKILL leaves the most behind (vLLM's engine and workers among it): vLLM there; the
+    # clean stops on the ONNX engine (the same supervisor, Ray and Serve; 4 min less in CI).
+    profile, model = (
+        (DEFAULT_PROFILE, MODEL) if sig == signal.SIGKILL else (ONNX_PROFILE, ONNX_MODEL)
+    )
+    server, instance = _start(port, tmp_path, profile=profile)  # the previous test's port
+    answer = _chat(False, 8, model)
+    ok = httpx.post(f"{server.base_url}/v1/chat/completions", json=answer, timeout=60)
     assert ok.status_code == 200
     groups = _groups(instance)
-    assert len(_server_processes(instance, groups)) >= 8  # GCS, raylet, agents, Serve, vLLM...
+    assert len(_server_processes(instance, groups)) >= 8  # GCS, raylet, agents, Serve, engine
     sent = time.monotonic()
     server.proc.send_signal(sig)
     _assert_nothing_left(server, instance, groups, port, sent)
