@@ -271,7 +271,9 @@ class AdmissionConfig(_Strict):
         None,
         gt=0,
         description="p99 time to first token promised to admitted requests at "
-        "any load (the bounded queues keep it; `python -m bench soak` checks it).",
+        "any load. The bounded queues keep it on the hardware they were sized on; it is "
+        "checked (`python -m bench soak`), not enforced: on a slower machine the same "
+        "bounds wait longer.",
     )
     allow_fallback_by_default: bool = Field(
         True, description="Whether requests may be served by a fallback unless they opt out."
