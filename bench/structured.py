@@ -6,8 +6,11 @@ plain (``ignore_eos``, a fixed output length) and asking for product tags as JSO
 (``response_format`` with ``fixtures.schemas.PRODUCT_TAGS``; the model stops when the JSON
 is complete). The grammar's cost is per token (vLLM masks the logits every step), so the
 figure to compare is output tokens/s and TPOT; request throughput follows the output length.
-The plain requests' length is the JSON requests' mean from round 1, so both sides generate
-about as many tokens.
+The plain requests' lengths are spread uniformly around the JSON requests' mean from round 1
+(half to one and a half times it), so both sides generate about as many tokens and their
+requests finish, and the next ones arrive, at staggered times. (A fixed length made every
+plain request finish in the same step: the next eight then arrived together and were
+prefilled as one batch, which tripled the plain side's TTFT and said nothing of the grammar.)
 
     python -m bench.structured --out runs/structured      # tiny (c=8) and small (c=4)
     python -m bench.structured --presets tiny --rounds 1
@@ -44,7 +47,7 @@ KEYS = (
 )
 
 
-def measure(url: str, model: str, kind: str, concurrency: int, requests: int, tokens: int) -> dict:
+def measure(url: str, model: str, kind: str, concurrency: int, requests: int, tokens: str) -> dict:
     workload = "product:size=448x448" + (",schema=product" if kind == "json" else "")
     with tempfile.TemporaryDirectory() as out:
         run = run_benchmark(
@@ -54,7 +57,7 @@ def measure(url: str, model: str, kind: str, concurrency: int, requests: int, to
                 profile=f"concurrency:{concurrency}",
                 workload=workload,
                 num_requests=requests,
-                output_tokens=str(tokens),
+                output_tokens=tokens,
                 warmup=concurrency,
                 progress=False,
                 label=kind,
@@ -74,8 +77,8 @@ def run_preset(name: str, rounds: int, log_dir: Path) -> list[dict]:
     path.write_text(yaml.safe_dump(profile))
     model = load_config(path).primary.name
     rows: list[dict] = []
-    json_tokens = 256  # the JSON requests' cap; they stop when the JSON is complete
-    plain_tokens = 0
+    json_tokens = "256"  # the JSON requests' cap; they stop when the JSON is complete
+    plain_tokens = ""
     log = log_dir / f"{name}-{time.time_ns()}.log"
     with ServerProcess(engine_command(path), f"http://127.0.0.1:{port}", log) as server:
         for round_no in range(1, rounds + 1):
@@ -85,7 +88,8 @@ def run_preset(name: str, rounds: int, log_dir: Path) -> list[dict]:
                 row = measure(server.base_url, model, kind, concurrency, requests, tokens)
                 row |= {"preset": name, "round": round_no, "kind": kind, "concurrency": concurrency}
                 if kind == "json" and not plain_tokens:  # plain requests: as long as JSON ones
-                    plain_tokens = round(row["total_output_tokens"] / max(1, row["completed"]))
+                    mean = round(row["total_output_tokens"] / max(1, row["completed"]))
+                    plain_tokens = f"{max(1, mean // 2)}-{mean + mean // 2}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
