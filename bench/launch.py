@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -101,18 +100,9 @@ class ServerProcess:
 
 
 def _wait_port_free(base_url: str, timeout_s: float = 90) -> None:
-    """Wait until ``base_url``'s port can be bound, as a server binds it (no SO_REUSEADDR):
-    nothing of a previous server listens there and no connection it closed first lingers in
-    TIME_WAIT (up to 60 s on Linux), which vLLM's server, for one, cannot bind next to."""
+    """Wait until ``base_url``'s port can be bound without SO_REUSEADDR, as vLLM's server
+    binds it too (``engine.lifecycle.wait_port_bindable``)."""
+    from engine.lifecycle import wait_port_bindable
+
     parts = urlsplit(base_url)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as probe:
-            try:
-                probe.bind((parts.hostname, parts.port))
-                return
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"port {parts.port} still in use after {timeout_s:.0f}s")
-        time.sleep(0.5)
+    wait_port_bindable(parts.hostname, parts.port, timeout_s)

@@ -57,6 +57,20 @@ def start(config: AppConfig, on_signal=None, stopping: threading.Event | None = 
     SIGTERM handler that aborts the process); once ``stopping`` is set, start-up gives up."""
     for model in config.models:
         model.resolved_model_path()  # build generated checkpoints once, before any replica
+    if config.ingress_mode == "direct":
+        # The replica binds the API port without SO_REUSEADDR (Ray Serve's choice): right
+        # after another server on this port stopped, its closed connections may hold it.
+        port = config.server.port
+        lifecycle.wait_port_bindable(
+            config.server.host,
+            port,
+            timeout_s=90,
+            on_wait=lambda: print(
+                f"Port {port} is still held by a previous server's closed connections "
+                "(TIME_WAIT, up to 60 s); waiting",
+                flush=True,
+            ),
+        )
     # Inherited by the raylet and every worker.
     os.environ.update(config.serve_env())
     if config.ingress_mode == "haproxy":

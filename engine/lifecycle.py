@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import os
 import random
 import select
@@ -27,9 +28,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 INSTANCE_ENV = "QWEN3VL_INSTANCE"
 LIFECYCLE_ACTOR = "qwen3vl-lifecycle"
@@ -167,15 +168,51 @@ def wait_for_health(url: str, timeout_s: float, check=None) -> None:
     while True:
         if check is not None:
             check()
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if _answers_200(url, timeout_s=5):
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f}s")
         time.sleep(1)
+
+
+def _answers_200(url: str, timeout_s: float) -> bool:
+    """One GET, on a keep-alive connection that this side closes. A probe that asks the server
+    to close (urllib sends ``Connection: close``) leaves the server's end in TIME_WAIT for 60 s,
+    on the API port itself, and a server started there within that minute cannot bind it
+    (``wait_port_bindable``)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        connection.request("GET", parts.path or "/")
+        response = connection.getresponse()
+        response.read()
+        return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def wait_port_bindable(host: str, port: int, timeout_s: float, on_wait=None) -> None:
+    """Wait until ``port`` can be bound the way Ray Serve's direct ingress binds it (without
+    SO_REUSEADDR): nothing listens there, and no connection whose server end closed first
+    (a previous server's) lingers in TIME_WAIT, up to 60 s on Linux. ``on_wait()`` is called
+    once if it has to wait; raise ``TimeoutError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"port {port} could not be bound within {timeout_s:.0f}s")
+        if not waited and on_wait is not None:
+            on_wait()
+        waited = True
+        time.sleep(0.5)
 
 
 # Below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's worker ports
