@@ -385,7 +385,15 @@ class AppConfig(_Strict):
                 "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
             }
         elif mode == "haproxy":
-            env |= _THROUGHPUT_MODE | {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+            env |= _THROUGHPUT_MODE | {
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                # A stopping replica behind HAProxy stays reachable this long (Ray's default
+                # 30 s) for load balancers pointed at it to deregister it. Only our HAProxy,
+                # which the controller reloads at once and which retries a refused
+                # connection elsewhere, points at it; 30 s made every stop outlast
+                # engine.__main__.STOP_BOUND_S.
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            }
         return env
 
     @property
