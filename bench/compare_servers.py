@@ -49,6 +49,16 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = "vllm"
 
 
+def baseline_of(rows: list[dict]) -> str:
+    """What the ratios are taken against: vLLM's server when it ran, else the checkout
+    before (``--servers ours --before DIR``), else the first server."""
+    names = list(dict.fromkeys(r["server"] for r in rows))
+    for name in (BASELINE, "ours-before"):
+        if name in names:
+            return name
+    return names[0]
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -225,16 +235,17 @@ def run_server(
 def markdown(rows: list[dict]) -> str:
     lines = []
     for workload in dict.fromkeys(r["workload"] for r in rows):
+        baseline = baseline_of([r for r in rows if r["workload"] == workload])
         lines += [
             f"**{workload}**",
             "",
-            "| round | server | req/s | vs vLLM | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+            f"| round | server | req/s | vs {baseline} | TTFT p50 / p99 ms | ITL p50 / p99 ms "
             "| events/stream (median, min) | full streams "
             "| mean TTFT ms: client / in engine / before engine |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         these = [r for r in rows if r["workload"] == workload]
-        base = {r["round"]: r for r in these if r["server"] == BASELINE}
+        base = {r["round"]: r for r in these if r["server"] == baseline}
         for r in these:
             ref = base.get(r["round"])
             ratio = r["request_throughput"] / ref["request_throughput"] if ref else float("nan")
@@ -254,11 +265,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
-    """Per server: the mean over rounds of each same-round ratio to vLLM's server."""
-    base = {r["round"]: r for r in rows if r["server"] == BASELINE}
+    """Per server: the mean over rounds of each same-round ratio to the baseline (vLLM's
+    server when it ran)."""
+    baseline = baseline_of(rows)
+    base = {r["round"]: r for r in rows if r["server"] == baseline}
     out = []
     for name in dict.fromkeys(r["server"] for r in rows):
-        if name == BASELINE:
+        if name == baseline:
             continue
         pairs = [(r, base[r["round"]]) for r in rows if r["server"] == name and r["round"] in base]
         if not pairs:
@@ -268,7 +281,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             for key in ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms")
         }
         out.append(
-            f"- {name} / vLLM, mean of {len(pairs)} rounds: req/s {ratio['request_throughput']:.2f}x, "
+            f"- {name} / {baseline}, mean of {len(pairs)} rounds: req/s {ratio['request_throughput']:.2f}x, "
             f"TTFT p50 {ratio['median_ttft_ms']:.2f}x, p99 {ratio['p99_ttft_ms']:.2f}x, "
             f"ITL p50 {ratio['median_itl_ms']:.2f}x"
         )

@@ -120,3 +120,28 @@ def test_jsonl_workload_replays_recorded_requests(tmp_path):
 def test_unknown_workload_kind_is_refused():
     with pytest.raises(ValueError, match="mixed"):
         build_requests("video", "m", 1)
+
+
+def _row(server: str, round_no: int, rps: float) -> dict:
+    keys = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "mean_ttft_ms")
+    return {
+        "workload": "tiny-c8",
+        "server": server,
+        "round": round_no,
+        "request_throughput": rps,
+        "mean_engine_ttft_ms": 1.0,
+        "events_per_stream_median": 64,
+        "events_per_stream_min": 64,
+        "full_stream_share": 1.0,
+    } | dict.fromkeys(keys, 2.0)
+
+
+def test_compare_servers_takes_ratios_against_the_checkout_before_when_vllm_did_not_run():
+    from bench.compare_servers import baseline_of, markdown
+
+    before_after = [_row("ours", 1, 9.0), _row("ours-before", 1, 10.0)]
+    assert baseline_of(before_after) == "ours-before"
+    table = markdown(before_after)
+    assert "vs ours-before" in table and "| 0.90x |" in table and "nan" not in table
+    assert "ours / ours-before, mean of 1 rounds: req/s 0.90x" in table
+    assert baseline_of([*before_after, _row("vllm", 1, 12.0)]) == "vllm"
