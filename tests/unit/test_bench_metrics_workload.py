@@ -139,9 +139,14 @@ def _row(server: str, round_no: int, rps: float) -> dict:
 def test_compare_servers_takes_ratios_against_the_checkout_before_when_vllm_did_not_run():
     from bench.compare_servers import baseline_of, markdown
 
-    before_after = [_row("ours", 1, 9.0), _row("ours-before", 1, 10.0)]
+    before_after = [
+        _row("ours", 1, 9.0) | {"mean_server_ttft_ms": 1.5},
+        _row("ours-before", 1, 10.0),
+    ]
     assert baseline_of(before_after) == "ours-before"
     table = markdown(before_after)
     assert "vs ours-before" in table and "| 0.90x |" in table and "nan" not in table
+    # client 2.0 ms, our route 1.5 ms: 0 ms outside it (rounded); a server without it: "-"
+    assert table.count("| 0 |") == 1 and table.count("| - |") == 1
     assert "ours / ours-before, mean of 1 rounds: req/s 0.90x" in table
     assert baseline_of([*before_after, _row("vllm", 1, 12.0)]) == "vllm"
