@@ -12,14 +12,20 @@ profiles, no hand-written decoder). Where the constraint comes from:
 | ``tool_choice: {"type": "function", ...}``| ``json`` = that function's parameters        |
 | ``tool_choice: required``                 | ``json`` = an array of calls (``choices.tool_call_schema``) |
 
-The profiles set ``structured_outputs_config.disable_any_whitespace``: the JSON grammar
-then allows no free whitespace, so an untrained or weak model cannot fill ``max_tokens``
+Every JSON constraint is sent as xgrammar's own grammar for that schema *without free
+whitespace* (``compact_json``): an untrained or weak model then cannot fill ``max_tokens``
 with newlines after a ``{`` (vLLM's server did exactly that here for a product schema).
+It is done per request, not with the engine-wide
+``structured_outputs_config.disable_any_whitespace``, so the engine's config is vLLM's
+default for every other request (xgrammar's vLLM backend reads that flag only from the
+engine config, not from ``StructuredOutputsParams``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from typing import Any
 
 from engine.choices import named_tool_schema, tool_call_schema
@@ -60,6 +66,48 @@ def constraint_of(request: ChatCompletionRequest) -> tuple[dict[str, Any], str] 
     return {"json": fmt.json_schema.schema_}, "response_format.json_schema.schema"  # type: ignore[union-attr]
 
 
+def compact_json(keywords: dict[str, Any], param: str) -> dict[str, Any]:
+    """``keywords`` with a JSON schema or ``json_object`` constraint replaced by xgrammar's
+    grammar for it with no free whitespace (vLLM's own xgrammar checks first: nesting depth,
+    features xgrammar lacks); any other constraint unchanged."""
+    if "json_object" in keywords:
+        return {"grammar": _compact_grammar('{"type": "object"}')}
+    schema = keywords.get("json")
+    if schema is None:
+        return keywords
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import check_json_nesting
+    from vllm.v1.structured_output.backend_xgrammar import (
+        has_xgrammar_unsupported_json_features,
+    )
+
+    try:
+        if isinstance(schema, str):
+            schema = json.loads(schema)
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema is an object")
+        check_json_nesting(schema)
+        if has_xgrammar_unsupported_json_features(schema):
+            raise ValueError("the schema uses features the grammar backend does not support")
+        return {"grammar": _compact_grammar(json.dumps(schema, sort_keys=True))}
+    except (VLLMValidationError, ValueError, RuntimeError, TypeError) as exc:
+        # xgrammar's messages start with "[time] file.cc:line: "
+        message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(exc).strip()) or repr(exc)
+        raise RequestError(
+            f"{param}: invalid JSON schema: {message}",
+            code="invalid_structured_output",
+            param=param,
+        ) from None
+
+
+@lru_cache(maxsize=256)
+def _compact_grammar(schema: str) -> str:
+    import xgrammar
+
+    grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    return str(grammar)
+
+
 def sampling_params(
     request: ChatCompletionRequest, defaults: dict[str, Any], max_tokens: int, engine: Any
 ) -> Any:
@@ -89,6 +137,7 @@ def sampling_params(
     param = None
     if constraint is not None:
         keywords, param = constraint
+        keywords = compact_json(keywords, param)
         try:
             sampling["structured_outputs"] = StructuredOutputsParams(**keywords)
         except (VLLMValidationError, ValueError, TypeError) as exc:
