@@ -21,8 +21,9 @@ results.md (one table per workload, ratios to vLLM's server in the same round) t
     python -m bench.compare_servers --before /tmp/old    # + ours-before: the checkout in /tmp/old
 
 ``--before DIR`` adds ``ours-before``: the same server run from another checkout of this
-project (``git worktree add /tmp/old REV``), so a change is measured against the code before
-it in the same rounds, both as ratios to vLLM's server.
+project (``git worktree add /tmp/old REV``) with that checkout's copy of the profile, so a
+change (code and engine settings) is measured against what was there before it, in the same
+rounds.
 """
 
 from __future__ import annotations
@@ -123,8 +124,21 @@ def servers(
         found[name] = (command, {"QWEN3VL_RAY_LOGS": "0"}, REPO)
     if before is not None:  # run from there and ahead of the installed project on every path
         command, env, _ = found["ours"]
+        path = tmp / "ours-before.yaml"
+        path.write_text(yaml.safe_dump(before_profile(profile_path, before, port)))
+        command = [*command[:-1], str(path)]
         found["ours-before"] = (command, {**env, "PYTHONPATH": str(before.resolve())}, before)
     return found
+
+
+def before_profile(profile_path: Path, before: Path, port: int) -> dict:
+    """The profile as the checkout before has it (its engine settings are part of what
+    changed), on ``port``; this checkout's copy where that one has none."""
+    own = profile_path.resolve()
+    theirs = before / own.relative_to(REPO) if own.is_relative_to(REPO) else own
+    profile = yaml.safe_load((theirs if theirs.exists() else own).read_text())
+    profile.setdefault("server", {})["port"] = port
+    return profile
 
 
 # vLLM's own request histograms (the same in both servers: the engine and its output

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from bench.client import RequestRecord
@@ -150,3 +152,24 @@ def test_compare_servers_takes_ratios_against_the_checkout_before_when_vllm_did_
     assert table.count("| 0 |") == 1 and table.count("| - |") == 1
     assert "ours / ours-before, mean of 1 rounds: req/s 0.90x" in table
     assert baseline_of([*before_after, _row("vllm", 1, 12.0)]) == "vllm"
+
+
+def test_the_checkout_before_is_served_with_its_own_copy_of_the_profile(tmp_path):
+    from bench.compare_servers import REPO, servers
+
+    before = tmp_path / "before"
+    (before / "configs").mkdir(parents=True)
+    profile = yaml.safe_load((REPO / "configs/cpu-tiny.yaml").read_text())
+    profile["models"][0]["engine_kwargs"]["seed"] = 1234  # what the checkout before had
+    (before / "configs/cpu-tiny.yaml").write_text(yaml.safe_dump(profile))
+    found = servers(REPO / "configs/cpu-tiny.yaml", 8999, tmp_path, before)
+    ours, theirs = (
+        yaml.safe_load(Path(found[n][0][-1]).read_text()) for n in ("ours", "ours-before")
+    )
+    assert (
+        theirs["models"][0]["engine_kwargs"]["seed"]
+        == 1234
+        != ours["models"][0]["engine_kwargs"]["seed"]
+    )
+    assert theirs["server"]["port"] == ours["server"]["port"] == 8999
+    assert found["ours-before"][1]["PYTHONPATH"] == str(before.resolve())
