@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import statistics
@@ -114,8 +115,7 @@ def servers(
     vllm_cmd = vllm_server_command(model, port)
     found = {"vllm": (vllm_cmd, dict(model.env), REPO)}
     for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
-        profile = yaml.safe_load(profile_path.read_text())
-        profile.setdefault("server", {})["port"] = port
+        profile = _on_port(profile_path, port)
         if ingress:
             profile["server"]["ingress"] = ingress
         path = tmp / f"{name}.yaml"
@@ -136,7 +136,11 @@ def before_profile(profile_path: Path, before: Path, port: int) -> dict:
     changed), on ``port``; this checkout's copy where that one has none."""
     own = profile_path.resolve()
     theirs = before / own.relative_to(REPO) if own.is_relative_to(REPO) else own
-    profile = yaml.safe_load((theirs if theirs.exists() else own).read_text())
+    return _on_port(theirs if theirs.exists() else own, port)
+
+
+def _on_port(profile_path: Path, port: int) -> dict:
+    profile = yaml.safe_load(profile_path.read_text())
     profile.setdefault("server", {})["port"] = port
     return profile
 
@@ -286,8 +290,8 @@ def markdown(rows: list[dict]) -> str:
 
 def _outside_route(row: dict) -> str:
     """Client TTFT minus our route's TTFT (ms), or a dash for a server without our metric."""
-    ours = row.get("mean_server_ttft_ms", float("nan"))
-    return "-" if ours != ours else f"{row['mean_ttft_ms'] - ours:.0f}"
+    ours = row.get("mean_server_ttft_ms", math.nan)
+    return "-" if math.isnan(ours) else f"{row['mean_ttft_ms'] - ours:.0f}"
 
 
 def summary_lines(rows: list[dict]) -> list[str]:

@@ -6,11 +6,11 @@ profiles, no hand-written decoder). Where the constraint comes from:
 
 | request                                   | vLLM constraint                              |
 |-------------------------------------------|----------------------------------------------|
-| ``response_format: json_schema``          | ``json`` = the schema                        |
-| ``response_format: json_object``          | ``json_object``                              |
+| ``response_format: json_schema``          | the schema                                   |
+| ``response_format: json_object``          | any JSON object                              |
 | ``structured_outputs: {json|regex|choice|grammar|json_object}`` | the same (vLLM's extension) |
-| ``tool_choice: {"type": "function", ...}``| ``json`` = that function's parameters        |
-| ``tool_choice: required``                 | ``json`` = an array of calls (``choices.tool_call_schema``) |
+| ``tool_choice: {"type": "function", ...}``| that function's parameters (a schema)        |
+| ``tool_choice: required``                 | an array of calls (``choices.tool_call_schema``) |
 
 Every JSON constraint is sent as xgrammar's own grammar for that schema *without free
 whitespace* (``compact_json``): an untrained or weak model then cannot fill ``max_tokens``
@@ -77,18 +77,13 @@ def compact_json(keywords: dict[str, Any], param: str) -> dict[str, Any]:
         return keywords
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import check_json_nesting
-    from vllm.v1.structured_output.backend_xgrammar import (
-        has_xgrammar_unsupported_json_features,
-    )
 
     try:
         if isinstance(schema, str):
             schema = json.loads(schema)
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema is an object")
-        check_json_nesting(schema)
-        if has_xgrammar_unsupported_json_features(schema):
-            raise ValueError("the schema uses features the grammar backend does not support")
+        check_json_nesting(schema)  # before anything recurses into it
         return {"grammar": _compact_grammar(json.dumps(schema, sort_keys=True))}
     except (VLLMValidationError, ValueError, RuntimeError, TypeError) as exc:
         # xgrammar's messages start with "[time] file.cc:line: "
@@ -102,8 +97,14 @@ def compact_json(keywords: dict[str, Any], param: str) -> dict[str, Any]:
 
 @lru_cache(maxsize=256)
 def _compact_grammar(schema: str) -> str:
+    """xgrammar's grammar for ``schema`` (JSON text), once per schema."""
     import xgrammar
+    from vllm.v1.structured_output.backend_xgrammar import (
+        has_xgrammar_unsupported_json_features,
+    )
 
+    if has_xgrammar_unsupported_json_features(json.loads(schema)):
+        raise ValueError("the schema uses features the grammar backend does not support")
     grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
     return str(grammar)
 
