@@ -40,6 +40,8 @@ IngressMode = Literal["auto", "direct", "haproxy", "proxy"]
 _THROUGHPUT_MODE = {
     # user code on the replica's main event loop, gRPC between actors, direct ingress
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # the replica's HTTP server leaves hang-ups to our routes (engine/serve_http.py)
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "engine.serve_http:middlewares",
 }
 
 

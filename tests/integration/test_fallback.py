@@ -286,3 +286,18 @@ def test_bad_deadline_header_is_a_400(server):
     assert (
         response.status_code == 400 and response.json()["error"]["param"] == "x-request-timeout-s"
     )
+
+
+def test_ray_serves_own_timeout_header_does_not_cut_a_request_short(server):
+    """The deadline is ours (engine/serve_http.py): Ray Serve's header would answer a plain-text
+    408 after 50 ms, and a request that carries it would take Serve's slower path."""
+    started = time.monotonic()
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        json=_body(256, allow_fallback=False),
+        headers={"x-request-timeout-seconds": "0.05"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 256
+    assert time.monotonic() - started > 0.05  # long enough for Ray's timeout to have fired
