@@ -102,8 +102,16 @@ class ImageLimits(_Strict):
     inline_decode_max_pixels: int = Field(
         262_144,
         ge=0,
-        description="Images up to this many pixels (512x512) decode on the event loop (well "
-        "under a millisecond, no thread hop); larger ones on the decode threads.",
+        description="Images up to this many pixels (512x512) and inline_decode_max_bytes decode "
+        "on the event loop (well under a millisecond, no thread hop); larger ones on the decode "
+        "threads.",
+    )
+    inline_decode_max_bytes: int = Field(
+        32_768,
+        ge=0,
+        description="Encoded size up to which a small image decodes on the event loop. JPEG "
+        "decoding time follows the compressed size: 336x336 px of noise (68 KB) take 1.1 ms, "
+        "a smooth picture of that size (3 KB) 0.4 ms.",
     )
 
 

@@ -130,3 +130,35 @@ def test_mpo_jpeg_from_a_phone_camera_is_accepted():
     assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
     image = decode_image(buffer.getvalue(), LIMITS, param="p")
     assert image.size == (320, 240) and image.mode == "RGB"
+
+
+class _CountingPool:
+    """Stands in for the decode pool: runs the work at once and counts it."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, fn, *args):
+        self.runs += 1
+        return fn(*args)
+
+
+@pytest.mark.parametrize(
+    "image, fmt, off_loop",
+    [
+        (Image.new("RGB", (336, 336), "orange"), "JPEG", False),  # small and cheap: inline
+        (noise_image(336, 336, seed=1), "JPEG", True),  # few pixels, many bytes to decode
+        (Image.new("RGB", (1024, 768), "orange"), "JPEG", True),  # many pixels
+    ],
+)
+def test_only_small_cheap_images_decode_on_the_event_loop(image, fmt, off_loop):
+    import asyncio
+
+    from engine.images import load_image
+
+    data = encode(image, fmt)
+    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    pool = _CountingPool()
+    decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool))
+    assert pool.runs == int(off_loop), f"{len(data)} bytes, {image.size}"
+    assert decoded.mode == "RGB"
