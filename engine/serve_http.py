@@ -24,7 +24,7 @@ from __future__ import annotations
 from starlette.middleware import Middleware
 
 DISCONNECT_DISABLED = (b"x-request-disconnect-disabled", b"?1")
-_DROPPED = frozenset({b"x-request-disconnect-disabled", b"x-request-timeout-seconds"})
+_DROPPED = frozenset({DISCONNECT_DISABLED[0], b"x-request-timeout-seconds"})
 
 
 class OwnDisconnects:

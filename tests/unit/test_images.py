@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -10,8 +11,8 @@ from PIL import Image
 from engine.config import ImageLimits
 from engine.errors import RequestError
 from engine.fetch import check_remote_url
-from engine.images import decode_data_url, decode_image
-from tests.utils import encode, noise_image, png_header_only
+from engine.images import decode_data_url, decode_image, load_image
+from tests.utils import data_url, encode, noise_image, png_header_only
 
 LIMITS = ImageLimits()
 
@@ -144,21 +145,17 @@ class _CountingPool:
 
 
 @pytest.mark.parametrize(
-    "image, fmt, off_loop",
+    "image, off_loop",
     [
-        (Image.new("RGB", (336, 336), "orange"), "JPEG", False),  # small and cheap: inline
-        (noise_image(336, 336, seed=1), "JPEG", True),  # few pixels, many bytes to decode
-        (Image.new("RGB", (1024, 768), "orange"), "JPEG", True),  # many pixels
+        (Image.new("RGB", (336, 336), "orange"), False),  # small and cheap: inline
+        (noise_image(336, 336, seed=1), True),  # few pixels, many bytes to decode
+        (Image.new("RGB", (1024, 768), "orange"), True),  # many pixels
     ],
 )
-def test_only_small_cheap_images_decode_on_the_event_loop(image, fmt, off_loop):
-    import asyncio
-
-    from engine.images import load_image
-
-    data = encode(image, fmt)
-    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+def test_only_small_cheap_images_decode_on_the_event_loop(image, off_loop):
+    data = encode(image, "JPEG")
     pool = _CountingPool()
+    url = data_url(data, "image/jpeg")
     decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool))
     assert pool.runs == int(off_loop), f"{len(data)} bytes, {image.size}"
     assert decoded.mode == "RGB"

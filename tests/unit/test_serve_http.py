@@ -19,6 +19,11 @@ from engine.serve_http import OwnDisconnects
 HOOK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
+def _config(**server) -> AppConfig:
+    base = load_config(None).model_dump()
+    return AppConfig.model_validate(base | {"server": base["server"] | server})
+
+
 def _scope_after(headers: list[tuple[bytes, bytes]], scope_type: str = "http") -> dict:
     seen = {}
 
@@ -55,9 +60,7 @@ def test_other_scopes_pass_unchanged():
 
 @pytest.mark.parametrize("server", [{}, {"ingress": "haproxy"}])
 def test_the_hook_is_set_where_a_replica_serves_http_and_ray_accepts_it(server, monkeypatch):
-    base = load_config(None).model_dump()
-    config = AppConfig.model_validate(base | {"server": base["server"] | server})
-    path = config.serve_env()[HOOK]
+    path = _config(**server).serve_env()[HOOK]
     # Serve's proxy actor (no replica context here) keeps its own disconnect handling ...
     assert validate_http_proxy_callback_return(call_function_from_import_path(path)) == []
     # ... and a replica's server gets the middleware.
@@ -67,6 +70,4 @@ def test_the_hook_is_set_where_a_replica_serves_http_and_ray_accepts_it(server, 
 
 
 def test_the_python_proxy_keeps_rays_own_disconnect_handling():
-    base = load_config(None).model_dump()
-    config = AppConfig.model_validate(base | {"server": base["server"] | {"ingress": "proxy"}})
-    assert HOOK not in config.serve_env()
+    assert HOOK not in _config(ingress="proxy").serve_env()
