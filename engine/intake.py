@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from pydantic import ValidationError
 
 from engine.config import AppConfig, RequestLimits
@@ -26,6 +27,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # A \uXXXX escape of a UTF-16 surrogate: the only way JSON text can carry a lone one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON = msgspec.json.Decoder()
 
 
 def check_body_size(headers: Mapping[str, str], limits: RequestLimits) -> None:
@@ -33,27 +35,28 @@ def check_body_size(headers: Mapping[str, str], limits: RequestLimits) -> None:
     declared = headers.get("content-length")
     valid = declared is not None and declared.isascii() and declared.isdigit()
     if valid and int(declared) > limits.max_body_bytes:
-        raise _body_too_large(int(declared), limits)
-
-
-async def read_body(raw, limits: RequestLimits) -> bytes:
-    """The body of a Starlette request, refused (413) as soon as it passes the cap, declared
-    or not (a chunked upload is never read whole)."""
-    check_body_size(raw.headers, limits)
-    chunks, size = [], 0
-    async for chunk in raw.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise _body_too_large(size, limits)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise body_too_large(int(declared), limits)
 
 
 def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompletionRequest:
     """Decode and validate a chat request body; every failure names the field."""
     limits = limits or RequestLimits()
     if len(body) > limits.max_body_bytes:
-        raise _body_too_large(len(body), limits)
+        raise body_too_large(len(body), limits)
+    try:
+        # msgspec: strict RFC 8259 JSON straight from the bytes (UTF-8 only, no NaN, no lone
+        # surrogate), with no str copy of the body and ~2x the stdlib's speed on the base64 of
+        # a phone photo, which would otherwise hold the event loop.
+        data = _JSON.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        data = _parse_slowly(body)  # the stdlib's answer, with its precise error messages
+    return _validated(data, limits)
+
+
+def _parse_slowly(body: bytes) -> Any:
+    """The stdlib's parse: for bodies msgspec refuses, so that every error names its cause
+    (and what the stdlib alone takes, integers past 64 bits and floats past 1e308, stays
+    taken)."""
     try:
         # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and let encoded
         # surrogates through.
@@ -66,8 +69,6 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
         raise RequestError(
             f"request body is not valid JSON: {detail}", code="invalid_json"
         ) from None
-    if not isinstance(data, dict):
-        raise RequestError("request body must be a JSON object", code="invalid_json")
     if _SURROGATE_ESCAPE.search(text):  # rare: only then walk the strings
         where = _lone_surrogate_at(data)
         if where is not None:
@@ -76,6 +77,12 @@ def parse_request(body: bytes, limits: RequestLimits | None = None) -> ChatCompl
                 code="invalid_json",
                 param=where or None,
             )
+    return data
+
+
+def _validated(data: Any, limits: RequestLimits) -> ChatCompletionRequest:
+    if not isinstance(data, dict):
+        raise RequestError("request body must be a JSON object", code="invalid_json")
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -179,7 +186,7 @@ def check_shape(request: ChatCompletionRequest, limits: RequestLimits) -> None:
         )
 
 
-def _body_too_large(size: int, limits: RequestLimits) -> RequestError:
+def body_too_large(size: int, limits: RequestLimits) -> RequestError:
     return RequestError(
         f"request body is {size} bytes; the limit is {limits.max_body_bytes} bytes",
         status_code=413,
