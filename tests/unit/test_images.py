@@ -11,7 +11,7 @@ from PIL import Image
 from engine.config import ImageLimits
 from engine.errors import RequestError
 from engine.fetch import check_remote_url
-from engine.images import decode_data_url, decode_image, load_image
+from engine.images import content_id, decode_data_url, decode_image, load_image, open_image
 from tests.utils import data_url, encode, noise_image, png_header_only
 
 LIMITS = ImageLimits()
@@ -159,3 +159,27 @@ def test_only_small_cheap_images_decode_on_the_event_loop(image, off_loop):
     decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool))
     assert pool.runs == int(off_loop), f"{len(data)} bytes, {image.size}"
     assert decoded.mode == "RGB"
+
+
+def test_the_cache_key_of_an_image_follows_its_bytes_and_the_normalisation():
+    """vLLM reuses processed pixels by this id: another image, or the same bytes normalised
+    to another size, must never share one."""
+    data = encode(noise_image(64, 48, seed=2), "JPEG")
+    other = encode(noise_image(64, 48, seed=3), "JPEG")
+    smaller = ImageLimits(max_short_side_px=LIMITS.max_short_side_px // 2)
+    shorter = ImageLimits(max_long_side_px=LIMITS.max_long_side_px // 2)
+    ids = {content_id(d, lim) for d, lim in ((data, LIMITS), (other, LIMITS), (data, smaller))}
+    ids.add(content_id(data, shorter))
+    assert len(ids) == 4
+    assert content_id(data, LIMITS) == content_id(bytes(data), ImageLimits())
+    assert len(content_id(data, LIMITS)) == 32  # 128 bits, hex
+
+
+def test_an_image_goes_to_its_decoder_in_one_piece():
+    """Pillow feeds a decoder 64 KiB at a time and takes the GIL back between pieces; with
+    the event loop busy each piece waited out the switch interval (a phone photo 7x slower)."""
+    data = encode(noise_image(640, 480, seed=4), "JPEG")
+    assert len(data) > 65536
+    image = open_image(data, LIMITS, param="image")
+    assert image.decodermaxblock >= len(data)
+    assert decode_image(data, LIMITS, param="image").size == (640, 480)
