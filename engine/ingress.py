@@ -1,4 +1,4 @@
-"""The HTTP surface: OpenAI-compatible routes on FastAPI, served by Ray Serve.
+"""The HTTP surface: OpenAI-compatible routes, served by Ray Serve.
 
 This is the one place errors become HTTP responses (``errors.error_payload``: 4xx for a
 ``RequestError``, 5xx for an ``EngineError``, as OpenAI-style JSON). A route turns HTTP into
@@ -7,10 +7,13 @@ a ``service.Call`` and the chat service's answer back into HTTP; everything betw
 no Ray and no HTTP. This replica builds the service from its backends: the primary model's
 vLLM engine in-process, fallbacks through Ray Serve handles or over HTTP.
 
-Path of a chat request here:
+Each replica builds its ASGI app (``HttpApp``) once its constructor ran: the chat route on
+raw ASGI (``engine.asgi``: every token of every stream passes there), the rest on FastAPI.
+
+Path of a chat request here (``OpenAIServer.chat``):
   1. read and parse the body and headers within the profile's limits (``intake``);
   2. 404 for an unknown model; the deadline and whether fallback is allowed, from headers;
-  3. ``ChatService.stream`` (SSE, closed however the response ends) or
+  3. ``ChatService.stream`` (SSE; a hang-up cancels it, however it ends it is closed) or
      ``ChatService.complete`` (one JSON body; a client that goes away cancels it).
 """
 
@@ -19,16 +22,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from engine import lifecycle, metrics
+from engine import asgi, lifecycle, metrics
 from engine.backend import Backend, engine_backend
 from engine.config import AppConfig
 from engine.errors import EngineError, RequestError, error_payload
@@ -37,67 +40,20 @@ from engine.intake import (
     allow_fallback,
     deadline_s,
     parse_request,
-    read_body,
     request_id_of,
 )
 from engine.process import server_log
 from engine.remote import HttpBackend, RayBackend
 from engine.service import Call, ChatService, ClientGone
 
-app = FastAPI(title="qwen3vl-serve", docs_url=None, redoc_url=None)
+CHAT_PATH = "/v1/chat/completions"
+GONE_STATUS = 499  # nobody is there to read it; not an error of ours
 
 
 def error_response(exc: Exception) -> JSONResponse:
     """Every HTTP error response is made here."""
     status, body, headers = error_payload(exc)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-@app.exception_handler(RequestError)
-@app.exception_handler(EngineError)
-@app.exception_handler(StarletteHTTPException)
-async def _handle(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc)
-
-
-@app.exception_handler(ClientDisconnect)
-@app.exception_handler(ClientGone)
-async def _handle_disconnect(_: Request, exc: Exception) -> Response:
-    return Response(status_code=499)  # nobody is there to read it; not an error of ours
-
-
-@app.exception_handler(Exception)
-async def _handle_unexpected(_: Request, exc: Exception) -> JSONResponse:
-    server_log().error("unhandled error in a request", exc_info=exc)
-    return error_response(exc)
-
-
-class EventStream(StreamingResponse):
-    """An SSE response that ends its request as soon as the response ends, however it ends.
-    Starlette only stops iterating: on a client disconnect the generator would stay
-    suspended until garbage collection, and the engine would go on generating for nobody.
-    ``on_close`` runs last, also when the stream never started."""
-
-    def __init__(
-        self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], **kwargs
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # Shielded: the disconnect may cancel this task while the request ends.
-            try:
-                await asyncio.shield(self.body_iterator.aclose())
-            finally:
-                await asyncio.shield(self._on_close())
-
-
-async def _wait_for_disconnect(raw: Request) -> None:
-    while (await raw.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _shutting_down() -> EngineError:
@@ -128,9 +84,62 @@ def build_backends(config: AppConfig, handles: dict[str, Any]) -> dict[str, Back
     return backends
 
 
+def build_fastapi(server: OpenAIServer) -> FastAPI:
+    """The plain routes (health, models, metrics) and the JSON errors of every other path."""
+    app = FastAPI(title="qwen3vl-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    @app.exception_handler(EngineError)
+    @app.exception_handler(StarletteHTTPException)
+    async def _handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _handle_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        server_log().error("unhandled error in a request", exc_info=exc)
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await server.health()
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": server.model_cards})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(await server.service.metrics_text(), media_type=metrics.CONTENT_TYPE)
+
+    return app
+
+
+class HttpApp:
+    """A replica's ASGI app: ``POST /v1/chat/completions`` on raw ASGI, the rest on FastAPI."""
+
+    def __init__(self, server: OpenAIServer) -> None:
+        self.server = server
+        self.fastapi = build_fastapi(server)
+        self._error_handlers: dict[type[Exception], Any] = {}
+
+    def add_exception_handler(self, kind: type[Exception], handler: Any) -> None:
+        """Ray Serve registers its overload errors (backpressure of a fallback's handle)."""
+        self._error_handlers[kind] = handler
+        self.fastapi.add_exception_handler(kind, handler)
+
+    def error_handler(self, exc: Exception) -> Any:
+        return next((h for k, h in self._error_handlers.items() if isinstance(exc, k)), None)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH:
+            await self.server.chat(scope, receive, send, self)
+        else:  # other paths, and the lifespan
+            await self.fastapi(scope, receive, send)
+
+
 # Helpers the deployment uses must be defined above it: Ray pickles the class by value.
 @serve.deployment(max_ongoing_requests=512)
-@serve.ingress(app)
+@serve.ingress()
 class OpenAIServer:
     """Ray Serve replica: the OpenAI routes over a ``ChatService`` and the drain on shutdown."""
 
@@ -140,13 +149,15 @@ class OpenAIServer:
         self._lifecycle_task: asyncio.Task | None = None
         self._following = asyncio.Event()  # registered with the drain coordinator (or none)
         created = int(time.time())
-        self._model_cards = [
+        self.model_cards = [
             {"id": name, "object": "model", "created": created, "owned_by": "qwen3vl-serve"}
             for name in self.service.backends
         ]
 
-    # -- plain routes ------------------------------------------------------------------
-    @app.get("/health")
+    def __serve_build_asgi_app__(self) -> HttpApp:
+        """Ray Serve asks each replica for its ASGI app once the constructor has run."""
+        return HttpApp(self)
+
     async def health(self) -> Response:
         # Ready only once a drain would reach this replica.
         await self._follow_lifecycle()
@@ -158,45 +169,60 @@ class OpenAIServer:
             return error_response(exc)
         return JSONResponse({"status": "ok", "models": list(self.service.backends)})
 
-    @app.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": self._model_cards})
-
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
-        return Response(await self.service.metrics_text(), media_type=metrics.CONTENT_TYPE)
-
     async def check_health(self) -> None:
         """Ray Serve's replica health check: a dead engine gets the replica replaced."""
         await self._follow_lifecycle()
         await self.service.backends[self.config.primary.name].check_health()
 
     # -- chat completions ----------------------------------------------------------------
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, raw: Request) -> Response:
+    async def chat(self, scope, receive, send, http: HttpApp) -> None:
+        """``/v1/chat/completions`` as raw ASGI; every error is answered here."""
         arrival = time.perf_counter()
-        if self.service.draining:
-            raise _shutting_down()
-        given_id = request_id_of(raw.headers)
-        request = parse_request(await read_body(raw, self.config.limits), self.config.limits)
-        self.service.check_model(request)
-        call = Call(
-            request=request,
-            request_id=given_id or f"chatcmpl-{uuid.uuid4().hex}",
-            arrival=arrival,
-            deadline=arrival + deadline_s(raw.headers, self.config),
-            allow_fallback=allow_fallback(raw.headers, request, self.config),
-        )
-        if request.stream:
-            source = await self.service.stream(call)
-            return EventStream(
-                source.events,
-                on_close=source.aclose,
-                media_type="text/event-stream",
-                headers=_headers(call, source.accepted.model, given_id),
+        try:
+            if scope["method"] != "POST":
+                raise StarletteHTTPException(405)  # what FastAPI answered for another method
+            if self.service.draining:
+                raise _shutting_down()
+            headers = Headers(scope=scope)
+            given_id = request_id_of(headers)
+            limits = self.config.limits
+            request = parse_request(await asgi.read_body(receive, headers, limits), limits)
+            self.service.check_model(request)
+            call = Call(
+                request=request,
+                request_id=given_id or f"chatcmpl-{uuid.uuid4().hex}",
+                arrival=arrival,
+                deadline=arrival + deadline_s(headers, self.config),
+                allow_fallback=allow_fallback(headers, request, self.config),
             )
-        answer = await self.service.complete(call, disconnected=_wait_for_disconnect(raw))
-        return JSONResponse(answer.body, headers=_headers(call, answer.accepted.model, given_id))
+            if request.stream:
+                source = await self.service.stream(call)
+            else:
+                answer = await self.service.complete(
+                    call, disconnected=asgi.wait_for_disconnect(receive)
+                )
+        except (ClientDisconnect, ClientGone):
+            await Response(status_code=GONE_STATUS)(scope, receive, send)
+            return
+        except Exception as exc:  # noqa: BLE001 - every error becomes its HTTP answer here
+            await self._answer_error(scope, receive, send, exc, http)
+            return
+        if request.stream:
+            served = _headers(call, source.accepted.model, given_id)
+            await asgi.stream_events(send, receive, source.events, source.aclose, served)
+        else:
+            served = _headers(call, answer.accepted.model, given_id)
+            await asgi.send_json(scope, receive, send, answer.body, headers=served)
+
+    async def _answer_error(self, scope, receive, send, exc: Exception, http: HttpApp) -> None:
+        handler = http.error_handler(exc)  # Ray Serve's own overload errors
+        if handler is not None:
+            response = handler(None, exc)
+        else:
+            if not isinstance(exc, RequestError | EngineError | StarletteHTTPException):
+                server_log().error("unhandled error in a request", exc_info=exc)
+            response = error_response(exc)
+        await response(scope, receive, send)
 
     # -- drain on shutdown (engine.lifecycle) -------------------------------------------
     async def _follow_lifecycle(self) -> None:
