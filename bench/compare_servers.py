@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench import cpu_account
 from bench.launch import ServerProcess
 from bench.vllm_client import run_vllm_bench
 from engine.config import DEFAULT_PROFILE, ModelConfig, load_config
@@ -184,6 +185,7 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
     before = engine_histograms(base_url)
     width, height = workload.image_size
     bucket = ["--random-mm-bucket-config", repr({(height, width, 1): 1.0})]
+    cpu_before, started = cpu_account.snapshot(), time.monotonic()
     result = run_vllm_bench(
         base_url,
         model,
@@ -195,6 +197,9 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
         seed=0,
         extra_args=["--save-detailed", *bucket],
     )
+    cpu_after = cpu_account.snapshot()
+    cpu = cpu_account.cpu_by_part(cpu_before, cpu_after)
+    window_s = time.monotonic() - started
     engine_side = _mean_ms(before, engine_histograms(base_url))
     # failed requests have no TTFT (0) and no gaps
     events = [
@@ -213,6 +218,15 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
         },
         "mean_ttft_ms": result["mean_ttft_ms"],
         **engine_side,
+        # CPU per completed request by part (bench.cpu_account); Ray's daemons as a share
+        # of one core over the run (they tick with time, not requests; the window includes
+        # the client building its images, ~40 s for phone photos, while the server idles)
+        **{
+            f"cpu_{part}_ms_per_request": 1000 * cpu[part] / max(1, result["completed"])
+            for part in ("api", "engine", "client")
+        },
+        "cpu_ray_core_share": cpu["ray"] / window_s,
+        "cpu_ray_busiest_s": cpu_account.busiest(cpu_before, cpu_after, "ray"),
         "events_per_stream_median": statistics.median(events) if events else 0,
         "events_per_stream_min": min(events, default=0),
         # share of streams with at least 95% of their tokens in separate events
@@ -264,8 +278,9 @@ def markdown(rows: list[dict]) -> str:
             f"| round | server | req/s | vs {baseline} | TTFT p50 / p99 ms | ITL p50 / p99 ms "
             "| events/stream (median, min) | full streams "
             "| mean TTFT ms: client / in engine / before engine "
-            "| of which outside our route |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| of which outside our route "
+            "| CPU ms/request: HTTP process / engine; Ray's daemons |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         these = [r for r in rows if r["workload"] == workload]
         base = {r["round"]: r for r in these if r["server"] == baseline}
@@ -280,7 +295,7 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['full_stream_share']:.0%} "
                 f"| {r['mean_ttft_ms']:.0f} / {r['mean_engine_ttft_ms']:.0f} "
                 f"/ {r['mean_ttft_ms'] - r['mean_engine_ttft_ms']:.0f} "
-                f"| {_outside_route(r)} |"
+                f"| {_outside_route(r)} | {_cpu(r)} |"
             )
         lines.append("")
         lines += summary_lines(these)
@@ -292,6 +307,16 @@ def _outside_route(row: dict) -> str:
     """Client TTFT minus our route's TTFT (ms), or a dash for a server without our metric."""
     ours = row.get("mean_server_ttft_ms", math.nan)
     return "-" if math.isnan(ours) else f"{row['mean_ttft_ms'] - ours:.0f}"
+
+
+def _cpu(row: dict) -> str:
+    """CPU per request of the HTTP process and the engine, and Ray's share of a core."""
+    if "cpu_api_ms_per_request" not in row:  # rows of a run before CPU was recorded
+        return "-"
+    return (
+        f"{row['cpu_api_ms_per_request']:.1f} / {row['cpu_engine_ms_per_request']:.1f}; "
+        f"{row['cpu_ray_core_share']:.1%}"
+    )
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -310,10 +335,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
             key: _mean_ratio(pairs, key)
             for key in ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms")
         }
+        cpu = ""
+        if all("cpu_api_ms_per_request" in r for pair in pairs for r in pair):
+            cpu = f", HTTP process CPU/request {_mean_ratio(pairs, 'cpu_api_ms_per_request'):.2f}x"
         out.append(
             f"- {name} / {baseline}, mean of {len(pairs)} rounds: req/s {ratio['request_throughput']:.2f}x, "
             f"TTFT p50 {ratio['median_ttft_ms']:.2f}x, p99 {ratio['p99_ttft_ms']:.2f}x, "
-            f"ITL p50 {ratio['median_itl_ms']:.2f}x"
+            f"ITL p50 {ratio['median_itl_ms']:.2f}x{cpu}"
         )
     return out
 

@@ -141,9 +141,10 @@ def _row(server: str, round_no: int, rps: float) -> dict:
 def test_compare_servers_takes_ratios_against_the_checkout_before_when_vllm_did_not_run():
     from bench.compare_servers import baseline_of, markdown
 
+    cpu = {"cpu_engine_ms_per_request": 30.0, "cpu_ray_core_share": 0.05}
     before_after = [
-        _row("ours", 1, 9.0) | {"mean_server_ttft_ms": 1.5},
-        _row("ours-before", 1, 10.0),
+        _row("ours", 1, 9.0) | {"mean_server_ttft_ms": 1.5, "cpu_api_ms_per_request": 12.0} | cpu,
+        _row("ours-before", 1, 10.0) | {"cpu_api_ms_per_request": 15.0} | cpu,
     ]
     assert baseline_of(before_after) == "ours-before"
     table = markdown(before_after)
@@ -151,6 +152,7 @@ def test_compare_servers_takes_ratios_against_the_checkout_before_when_vllm_did_
     # client 2.0 ms, our route 1.5 ms: 0 ms outside it (rounded); a server without it: "-"
     assert table.count("| 0 |") == 1 and table.count("| - |") == 1
     assert "ours / ours-before, mean of 1 rounds: req/s 0.90x" in table
+    assert "| 12.0 / 30.0; 5.0% |" in table and "HTTP process CPU/request 0.80x" in table
     assert baseline_of([*before_after, _row("vllm", 1, 12.0)]) == "vllm"
 
 
@@ -173,3 +175,39 @@ def test_the_checkout_before_is_served_with_its_own_copy_of_the_profile(tmp_path
     )
     assert theirs["server"]["port"] == ours["server"]["port"] == 8999
     assert found["ours-before"][1]["PYTHONPATH"] == str(before.resolve())
+
+
+def test_cpu_is_booked_to_the_part_of_the_server_that_used_it():
+    import os
+
+    from bench.cpu_account import Process, busiest, cpu_by_part, part_of
+
+    assert part_of(os.getpid(), "python -m bench.compare_servers") == "client"
+    assert part_of(1, "VLLM::EngineCore") == part_of(2, "VLLM::Worker") == "engine"
+    assert part_of(3, "ray::ServeReplica:qwen3vl:OpenAIServer") == "api"
+    assert part_of(4, "python -m vllm.entrypoints.openai.api_server --model m") == "api"
+    assert part_of(5, "/x/ray/core/src/ray/raylet/raylet --x") == "ray"
+    assert part_of(6, "ray::ProxyActor") == part_of(7, "python -m engine serve --config c") == "ray"
+    assert part_of(8, "kworker/0:1") == "other"
+    before = {3: Process(10.0, "ray::ServeReplica:a:B"), 9: Process(5.0, "old")}
+    after = {
+        3: Process(12.5, "ray::ServeReplica:a:B"),
+        9: Process(1.0, "VLLM::Worker"),  # the pid was reused: counts from zero
+        10: Process(0.5, "ray::IDLE"),  # started in between
+    }
+    used = cpu_by_part(before, after)
+    assert used["api"] == 2.5 and used["engine"] == 1.0 and used["ray"] == 0.5
+    assert busiest(before, after, "ray") == [("ray::IDLE", 0.5)]
+
+
+def test_a_cpu_snapshot_sees_this_process_spend_time():
+    import time
+
+    from bench.cpu_account import cpu_by_part, snapshot
+
+    before = snapshot()
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    used = cpu_by_part(before, snapshot())
+    assert 0.1 <= used["client"] < 5
