@@ -7,12 +7,18 @@ client (``vllm.benchmarks.serve``, openai-chat backend, streaming, ``random-mm``
     tiny-c1 / tiny-c8 / tiny-c32   one 336x336 image, 64 input / 64 output tokens
     phone-c8                       one 4032x3024 JPEG (a phone photo), 64 / 64
 
+Each server is measured in steady state: ``--settle-s`` (90 s) after /health at the earliest,
+warm-up included, once the cores are quiet (``settle``); ``--settle-s 0`` measures right after
+the warm-up, start-up bursts included.
+
 Per run: request throughput, TTFT and ITL (p50, p99), the SSE content events per stream
 (vLLM's client records one inter-token gap per event after the first, so events = gaps + 1;
 a stream whose deltas were merged has fewer events than tokens; vLLM's server sends a
 role-only chunk first, so its full stream is 65 events, ours 64), and the mean TTFT split
 into the engine's part (vLLM's own TTFT histogram) and the time before the engine (HTTP,
-JSON, images, chat template, multimodal processing). Writes results.json and
+JSON, images, chat template, multimodal processing), and the CPU each part of the server
+used per request (``bench.cpu_account``: the HTTP process, the engine, Ray's daemons).
+Writes results.json and
 results.md (one table per workload, ratios to vLLM's server in the same round) to --out.
 
     python -m bench.compare_servers --out runs/compare            # 3 rounds, all workloads
@@ -223,7 +229,7 @@ def measure(base_url: str, model: str, tokenizer: str, workload: Workload) -> di
         # the client building its images, ~40 s for phone photos, while the server idles)
         **{
             f"cpu_{part}_ms_per_request": 1000 * cpu[part] / max(1, result["completed"])
-            for part in ("api", "engine", "client")
+            for part in ("api", "engine", "client", "other")
         },
         "cpu_ray_core_share": cpu["ray"] / window_s,
         "cpu_ray_busiest_s": cpu_account.busiest(cpu_before, cpu_after, "ray"),
@@ -245,27 +251,54 @@ def run_server(
     warmup: int,
     log_dir: Path,
     cwd: Path = REPO,
+    settle_s: float = 0.0,
 ) -> list[dict]:
     config = load_config(profile_path)
     model, tokenizer = config.primary.name, config.primary.resolved_model_path()
     log = log_dir / f"{name}-{time.time_ns()}.log"
     rows = []
     with ServerProcess(command, f"http://127.0.0.1:{port}", log, env=env, cwd=cwd) as server:
+        ready_at = time.monotonic()
         # Warm-up: every workload's shapes once (vLLM on CPU compiles per batch shape).
         for workload in workloads:
             warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
             measure(server.base_url, model, tokenizer, warm)
+        settled_s = settle(ready_at, settle_s)
         for workload in workloads:
             rows.append(
                 {
                     "server": name,
                     "ready_s": round(server.ready_s, 1),
+                    "settled_s": round(settled_s, 1),
                     **measure(server.base_url, model, tokenizer, workload),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     time.sleep(3)  # let the port and the cores settle before the next server
     return rows
+
+
+def settle(
+    ready_at: float, settle_s: float, quiet_core_share: float = 0.25, sample_s: float = 3.0
+) -> float:
+    """Wait until ``settle_s`` after the server answered /health (warm-up included), then
+    until the machine's cores are quiet (at most ``settle_s`` more); the seconds since
+    /health. Ray Serve's controller spends 2-3 s of CPU in one burst within a minute or so
+    of start in about half the starts (BENCHMARKS.md), a one-off that would otherwise land
+    in the first measured workload of our server only."""
+    if settle_s <= 0:
+        return time.monotonic() - ready_at
+    time.sleep(max(0.0, ready_at + settle_s - time.monotonic()))
+    give_up = time.monotonic() + settle_s
+    before = cpu_account.snapshot()
+    while time.monotonic() < give_up:
+        time.sleep(sample_s)
+        after = cpu_account.snapshot()
+        used = cpu_account.cpu_by_part(before, after)
+        if sum(used.values()) - used["client"] < sample_s * quiet_core_share:
+            break
+        before = after
+    return time.monotonic() - ready_at
 
 
 def markdown(rows: list[dict]) -> str:
@@ -365,6 +398,13 @@ def main() -> None:
     )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--before", type=Path, help="another checkout, served as ours-before")
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=90.0,
+        help="measure each server this long after /health at the earliest (warm-up included), "
+        "once its cores are quiet: steady state, not start-up (0: right after warm-up)",
+    )
     args = parser.parse_args()
     if args.before and "ours-before" not in args.servers:
         args.servers.append("ours-before")
@@ -388,6 +428,7 @@ def main() -> None:
                     args.warmup,
                     args.out,
                     cwd,
+                    args.settle_s,
                 ):
                     rows.append({"round": round_no, **row})
     meta = {
@@ -395,6 +436,7 @@ def main() -> None:
         "profile": str(args.config),
         "client": "vllm.benchmarks.serve (openai-chat, random-mm, ignore_eos)",
         "workloads": {w.name: w.__dict__ for w in workloads},
+        "settle_s": args.settle_s,
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown(rows)

@@ -211,3 +211,16 @@ def test_a_cpu_snapshot_sees_this_process_spend_time():
         pass
     used = cpu_by_part(before, snapshot())
     assert 0.1 <= used["client"] < 5
+
+
+def test_settling_measures_from_health_and_can_be_turned_off():
+    import time
+
+    from bench.compare_servers import settle
+
+    ready_at = time.monotonic() - 100  # healthy 100 s ago: nothing left to wait for
+    started = time.monotonic()
+    assert 100 <= settle(ready_at, 0) < 101
+    # already past: one sample of the cores, quiet at once
+    assert settle(ready_at, 0.5, quiet_core_share=1e9, sample_s=0.1) < 101
+    assert time.monotonic() - started < 1
