@@ -97,7 +97,16 @@ class ImageLimits(_Strict):
         10.0, gt=0, description="Total time for one image fetch: connect, headers and body."
     )
     decode_threads: int = Field(
-        0, ge=0, description="Images decoded at once, off the event loop; 0 = one per core."
+        0,
+        ge=0,
+        description="Images over inline_decode_max_pixels decoded at once, off the event "
+        "loop; 0 = one per core.",
+    )
+    small_decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Images up to inline_decode_max_pixels but over inline_decode_max_bytes "
+        "decoded at once, off the event loop, in a lane of their own; 0 = four per core.",
     )
     inline_decode_max_pixels: int = Field(
         262_144,

@@ -250,7 +250,8 @@ async def load_image(
 ) -> tuple[Image.Image, str]:
     """One image_url, from a data: URL or an allow-listed host, ready for the engine, with
     a content id (vLLM's multimodal cache key, so it need not hash the pixels). Small images
-    with few bytes decode on the loop (well under a millisecond); the rest on the decode pool,
+    with few bytes decode on the loop (well under a millisecond); the rest on the decode pool
+    (small ones in its wide lane),
     so that no image decode pauses the token streams (a 336 px JPEG of noise, 68 KB, takes
     1.1 ms: at c=32 those decodes were 13% of the loop's busy time)."""
     from engine import metrics
@@ -263,13 +264,11 @@ async def load_image(
         data = await fetch_image_bytes(target, limits, param=param, client=fetch_client())
     image = open_image(data, limits, param=param)
     width, height = image.size
-    if (
-        width * height <= limits.inline_decode_max_pixels
-        and len(data) <= limits.inline_decode_max_bytes
-    ):
+    small = width * height <= limits.inline_decode_max_pixels
+    if small and len(data) <= limits.inline_decode_max_bytes:
         result = _finish(image, data, limits, param)
     else:
-        result = await decoder.run(_finish, image, data, limits, param)
+        result = await decoder.run(_finish, image, data, limits, param, small=small)
     metrics.IMAGE_PREPROCESS.observe(time.perf_counter() - started)
     return result
 
@@ -289,26 +288,36 @@ def content_id(data: bytes, limits: ImageLimits) -> str:
 
 
 class DecodePool:
-    """Image decoding off the event loop, at most ``workers`` at a time (default: one per
-    core). A burst of phone photos then costs bounded CPU and memory (each running decode
-    holds at most one full-size image) and never pauses the token streams on the loop.
-    Requests beyond that wait their turn in asyncio, where a deadline or a disconnect can
+    """Image decoding off the event loop, in two lanes of bounded width. Large images (more
+    than ``ImageLimits.inline_decode_max_pixels``) take one of ``workers`` slots (default:
+    one per core): a burst of phone photos then costs bounded CPU and memory (each running
+    decode holds at most one full-size image) and never pauses the token streams on the
+    loop. Small images (bytes over the inline cap, e.g. a 336 px JPEG of noise, 68 KB) take
+    one of ``small_workers`` slots (default: four per core; at most 512x512 px each, so
+    their memory is bounded by the lane's width): their CPU is a millisecond, but each waits
+    for the GIL on its way in and out while the loop is busy, so a narrow lane queues a
+    burst of them (at c=32 arrivals come in waves) for tens of milliseconds. Requests
+    beyond a lane's width wait their turn in asyncio, where a deadline or a disconnect can
     still cancel them. A slot is freed when its thread finishes, not when its waiter gives
     up, so the bound also holds for work that can no longer be cancelled."""
 
-    def __init__(self, workers: int = 0) -> None:
+    def __init__(self, workers: int = 0, small_workers: int = 0) -> None:
         self.workers = workers or _cores()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="image-decode")
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self.small_workers = small_workers or 4 * _cores()
+        self._pool = ThreadPoolExecutor(
+            self.workers + self.small_workers, thread_name_prefix="image-decode"
+        )
+        self._slots: dict[asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, ...]] = {}
         self.waiting = 0  # requests waiting for a slot
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, small: bool = False):
         from engine import metrics
 
         loop = asyncio.get_running_loop()
-        slots = self._slots.get(loop) or self._slots.setdefault(
-            loop, asyncio.Semaphore(self.workers)
+        lanes = self._slots.get(loop) or self._slots.setdefault(
+            loop, (asyncio.Semaphore(self.workers), asyncio.Semaphore(self.small_workers))
         )
+        slots = lanes[small]
         self.waiting += 1
         metrics.IMAGE_DECODES_WAITING.set(self.waiting)
         try:

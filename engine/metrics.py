@@ -44,7 +44,7 @@ IMAGE_PREPROCESS = Histogram(
 
 IMAGE_DECODES_WAITING = Gauge(
     "qwen3vl_image_decodes_waiting",
-    "Images waiting for a decode thread (the pool runs one decode per core at a time).",
+    "Images waiting for a decode thread (large images: one decode per core at a time; small ones: four per core).",
 )
 
 ONNX_DECODE_BATCH = Histogram(

@@ -141,7 +141,9 @@ class ChatService:
                 if backend.kv_cache_usage is not None
             },
         )
-        self.decoder = images.DecodePool(config.images.decode_threads)
+        self.decoder = images.DecodePool(
+            config.images.decode_threads, config.images.small_decode_threads
+        )
         self._http_client: Any = None  # for image URLs, made on first use
         self.draining = False
 

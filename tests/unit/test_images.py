@@ -137,28 +137,58 @@ class _CountingPool:
     """Stands in for the decode pool: runs the work at once and counts it."""
 
     def __init__(self) -> None:
-        self.runs = 0
+        self.runs: list[bool] = []  # small or not, per run
 
-    async def run(self, fn, *args):
-        self.runs += 1
+    async def run(self, fn, *args, small: bool = False):
+        self.runs.append(small)
         return fn(*args)
 
 
 @pytest.mark.parametrize(
-    "image, off_loop",
+    "image, lanes",
     [
-        (Image.new("RGB", (336, 336), "orange"), False),  # small and cheap: inline
-        (noise_image(336, 336, seed=1), True),  # few pixels, many bytes to decode
-        (Image.new("RGB", (1024, 768), "orange"), True),  # many pixels
+        (Image.new("RGB", (336, 336), "orange"), []),  # small and cheap: inline
+        (noise_image(336, 336, seed=1), [True]),  # few pixels, many bytes: the small lane
+        (Image.new("RGB", (1024, 768), "orange"), [False]),  # many pixels: one per core
     ],
 )
-def test_only_small_cheap_images_decode_on_the_event_loop(image, off_loop):
+def test_only_small_cheap_images_decode_on_the_event_loop(image, lanes):
     data = encode(image, "JPEG")
     pool = _CountingPool()
     url = data_url(data, "image/jpeg")
     decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool))
-    assert pool.runs == int(off_loop), f"{len(data)} bytes, {image.size}"
+    assert pool.runs == lanes, f"{len(data)} bytes, {image.size}"
     assert decoded.mode == "RGB"
+
+
+def test_each_decode_lane_runs_at_most_its_width_at_once():
+    """Large images: one per slot of the narrow lane (bounded CPU and memory); small ones
+    in their own wider lane, so a burst of them does not queue behind a phone photo."""
+    import threading
+    import time
+
+    from engine.images import DecodePool
+
+    pool = DecodePool(workers=2, small_workers=3)
+    running = {False: 0, True: 0}
+    most = {False: 0, True: 0}
+    lock = threading.Lock()
+
+    def work(small: bool) -> None:
+        with lock:
+            running[small] += 1
+            most[small] = max(most[small], running[small])
+        time.sleep(0.02)
+        with lock:
+            running[small] -= 1
+
+    async def burst() -> None:
+        jobs = [pool.run(work, small, small=small) for small in [False] * 6 + [True] * 9]
+        await asyncio.gather(*jobs)
+
+    asyncio.run(burst())
+    assert most == {False: 2, True: 3}
+    assert pool.waiting == 0
 
 
 def test_the_cache_key_of_an_image_follows_its_bytes_and_the_normalisation():
