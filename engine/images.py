@@ -92,8 +92,8 @@ def open_image(data: bytes, limits: ImageLimits, *, param: str) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=_PARSERS)  # the header only
         # All the bytes to the decoder in one call: Pillow feeds it 64 KiB at a time and
         # takes the GIL back between calls, each time waiting out the switch interval while
-        # the event loop is busy. A 7 MB phone photo then decoded in 685 ms instead of 95
-        # (BENCHMARKS.md, "Images and the GIL").
+        # the event loop is busy. A 7 MB phone photo then decoded in 664 ms instead of 103
+        # (BENCHMARKS.md, 2026-12-06; python -m bench.decode_gil).
         image.decodermaxblock = max(len(data), ImageFile.MAXBLOCK)
     except UnidentifiedImageError:
         other = _sniff(data)
@@ -251,9 +251,9 @@ async def load_image(
     """One image_url, from a data: URL or an allow-listed host, ready for the engine, with
     a content id (vLLM's multimodal cache key, so it need not hash the pixels). Small images
     with few bytes decode on the loop (well under a millisecond); the rest on the decode pool
-    (small ones in its wide lane),
-    so that no image decode pauses the token streams (a 336 px JPEG of noise, 68 KB, takes
-    1.1 ms: at c=32 those decodes were 13% of the loop's busy time)."""
+    (small ones in its wide lane), so that no image decode pauses the token streams (a 336 px
+    JPEG of noise, 68 KB, takes 1.1 ms: at c=32 those decodes were 13% of the loop's busy
+    time)."""
     from engine import metrics
 
     started = time.perf_counter()

@@ -20,6 +20,7 @@ Path of a chat request here (``OpenAIServer.chat``):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from typing import Any
@@ -120,15 +121,19 @@ class HttpApp:
     def __init__(self, server: OpenAIServer) -> None:
         self.server = server
         self.fastapi = build_fastapi(server)
-        self._error_handlers: dict[type[Exception], Any] = {}
 
     def add_exception_handler(self, kind: type[Exception], handler: Any) -> None:
         """Ray Serve registers its overload errors (backpressure of a fallback's handle)."""
-        self._error_handlers[kind] = handler
         self.fastapi.add_exception_handler(kind, handler)
 
-    def error_handler(self, exc: Exception) -> Any:
-        return next((h for k, h in self._error_handlers.items() if isinstance(exc, k)), None)
+    async def error_answer(self, exc: Exception) -> Response:
+        """What the FastAPI app's handlers answer ``exc`` with (the nearest class wins, as in
+        Starlette): ours, or Ray Serve's for its overload errors. The chat route answers its
+        errors with these, so every path answers alike."""
+        handlers = self.fastapi.exception_handlers
+        handler = next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
+        response = handler(None, exc)
+        return await response if inspect.isawaitable(response) else response
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] == CHAT_PATH:
@@ -205,7 +210,7 @@ class OpenAIServer:
             await Response(status_code=GONE_STATUS)(scope, receive, send)
             return
         except Exception as exc:  # noqa: BLE001 - every error becomes its HTTP answer here
-            await self._answer_error(scope, receive, send, exc, http)
+            await (await http.error_answer(exc))(scope, receive, send)
             return
         if request.stream:
             served = _headers(call, source.accepted.model, given_id)
@@ -213,16 +218,6 @@ class OpenAIServer:
         else:
             served = _headers(call, answer.accepted.model, given_id)
             await asgi.send_json(scope, receive, send, answer.body, headers=served)
-
-    async def _answer_error(self, scope, receive, send, exc: Exception, http: HttpApp) -> None:
-        handler = http.error_handler(exc)  # Ray Serve's own overload errors
-        if handler is not None:
-            response = handler(None, exc)
-        else:
-            if not isinstance(exc, RequestError | EngineError | StarletteHTTPException):
-                server_log().error("unhandled error in a request", exc_info=exc)
-            response = error_response(exc)
-        await response(scope, receive, send)
 
     # -- drain on shutdown (engine.lifecycle) -------------------------------------------
     async def _follow_lifecycle(self) -> None:
