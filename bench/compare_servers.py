@@ -35,6 +35,7 @@ rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -253,16 +254,12 @@ def run_server(
     cwd: Path = REPO,
     settle_s: float = 0.0,
 ) -> list[dict]:
-    config = load_config(profile_path)
-    model, tokenizer = config.primary.name, config.primary.resolved_model_path()
+    model, tokenizer = _model_of(profile_path)
     log = log_dir / f"{name}-{time.time_ns()}.log"
     rows = []
     with ServerProcess(command, f"http://127.0.0.1:{port}", log, env=env, cwd=cwd) as server:
         ready_at = time.monotonic()
-        # Warm-up: every workload's shapes once (vLLM on CPU compiles per batch shape).
-        for workload in workloads:
-            warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
-            measure(server.base_url, model, tokenizer, warm)
+        warm_up(server.base_url, model, tokenizer, workloads, warmup)
         settled_s = settle(ready_at, settle_s)
         for workload in workloads:
             rows.append(
@@ -276,6 +273,78 @@ def run_server(
             print(json.dumps(rows[-1]), flush=True)
     time.sleep(3)  # let the port and the cores settle before the next server
     return rows
+
+
+def _model_of(profile_path: Path) -> tuple[str, str]:
+    primary = load_config(profile_path).primary
+    return primary.name, primary.resolved_model_path()
+
+
+def warm_up(
+    base_url: str, model: str, tokenizer: str, workloads: list[Workload], warmup: int
+) -> None:
+    """Every workload's shapes once (vLLM on CPU compiles per batch shape)."""
+    for workload in workloads:
+        warm = replace(workload, num_prompts=max(2 * workload.concurrency, warmup))
+        measure(base_url, model, tokenizer, warm)
+
+
+def run_interleaved(
+    found: dict[str, tuple[list[str], dict, Path]],
+    ports: dict[str, int],
+    profile_path: Path,
+    workloads: list[Workload],
+    warmup: int,
+    log_dir: Path,
+    settle_s: float,
+    rounds: int,
+) -> list[dict]:
+    """Every server up at once, each on its own port; one measured at a time while the
+    others are paused (SIGSTOP: no CPU at all), servers alternating workload by workload.
+    A server start costs minutes and this machine's speed drifts by +-25% over minutes, so
+    one server start per round compares servers at different times; here a server's run of
+    a workload is a minute or less from the others' run of it."""
+    model, tokenizer = _model_of(profile_path)
+    rows: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        running: dict[str, ServerProcess] = {}
+        ready_at: dict[str, float] = {}
+        for name, (command, env, cwd) in found.items():
+            log = log_dir / f"{name}-{time.time_ns()}.log"
+            url = f"http://127.0.0.1:{ports[name]}"
+            server = stack.enter_context(ServerProcess(command, url, log, env=env, cwd=cwd))
+            stack.callback(server.resume)  # runs before its stop, as any stop resumes
+            running[name], ready_at[name] = server, time.monotonic()
+            warm_up(url, model, tokenizer, workloads, warmup)
+        # all idle and running until the last one has settled (start-up bursts included)
+        settled_s = settle(max(ready_at.values()), settle_s)
+        for server in running.values():
+            server.pause()
+        names = list(running)
+        for round_no in range(1, rounds + 1):
+            order = names if round_no % 2 else names[::-1]
+            for workload in workloads:
+                for name in order:
+                    server = running[name]
+                    server.resume()
+                    time.sleep(RESUME_S)
+                    row = measure(server.base_url, model, tokenizer, workload)
+                    server.pause()
+                    rows.append(
+                        {
+                            "round": round_no,
+                            "server": name,
+                            "ready_s": round(server.ready_s, 1),
+                            "settled_s": round(settled_s, 1),
+                            **row,
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# after a pause: the server's timers that fell due meanwhile run before the load starts
+RESUME_S = 3.0
 
 
 def settle(
@@ -383,6 +452,34 @@ def _mean_ratio(pairs: list[tuple[dict, dict]], key: str) -> float:
     return statistics.mean(r[key] / b[key] for r, b in pairs if b[key])
 
 
+def run_rounds(
+    found: dict[str, tuple[list[str], dict, Path]],
+    names: list[str],
+    workloads: list[Workload],
+    args: argparse.Namespace,
+) -> list[dict]:
+    """One start of every server per round, in turn (the order alternating by round)."""
+    rows: list[dict] = []
+    for round_no in range(1, args.rounds + 1):
+        order = names if round_no % 2 else list(reversed(names))
+        for name in order:
+            command, env, cwd = found[name]
+            for row in run_server(
+                name,
+                command,
+                env,
+                args.port,
+                args.config,
+                workloads,
+                args.warmup,
+                args.out,
+                cwd,
+                args.settle_s,
+            ):
+                rows.append({"round": round_no, **row})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_PROFILE)
@@ -405,6 +502,12 @@ def main() -> None:
         help="measure each server this long after /health at the earliest (warm-up included), "
         "once its cores are quiet: steady state, not start-up (0: right after warm-up)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every server once, side by side on ports --port, --port+10, ..., and "
+        "measure them in turn, workload by workload, the others paused (run_interleaved)",
+    )
     args = parser.parse_args()
     if args.before and "ours-before" not in args.servers:
         args.servers.append("ours-before")
@@ -414,29 +517,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         found = servers(args.config, args.port, Path(tmp), args.before)
         names = [s for s in args.servers if s in found]
-        for round_no in range(1, args.rounds + 1):
-            order = names if round_no % 2 else list(reversed(names))
-            for name in order:
-                command, env, cwd = found[name]
-                for row in run_server(
-                    name,
-                    command,
-                    env,
-                    args.port,
-                    args.config,
-                    workloads,
-                    args.warmup,
-                    args.out,
-                    cwd,
-                    args.settle_s,
-                ):
-                    rows.append({"round": round_no, **row})
+        if args.interleave:
+            ports = {name: args.port + 10 * i for i, name in enumerate(names)}
+            at_port = {}
+            for name, port in ports.items():
+                (Path(tmp) / name).mkdir()
+                at_port[name] = servers(args.config, port, Path(tmp) / name, args.before)[name]
+            rows = run_interleaved(
+                at_port,
+                ports,
+                args.config,
+                workloads,
+                args.warmup,
+                args.out,
+                args.settle_s,
+                args.rounds,
+            )
+        else:
+            rows = run_rounds(found, names, workloads, args)
     meta = {
         "machine": f"{platform.node()} {platform.machine()}",
         "profile": str(args.config),
         "client": "vllm.benchmarks.serve (openai-chat, random-mm, ignore_eos)",
         "workloads": {w.name: w.__dict__ for w in workloads},
         "settle_s": args.settle_s,
+        "interleave": args.interleave,
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown(rows)

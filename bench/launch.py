@@ -6,15 +6,21 @@ benchmark scripts, so each of them starts and stops servers alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine.lifecycle import free_port  # noqa: F401 - one helper; tests import it from here
+from engine.lifecycle import (  # free_port: one helper; tests import it from here
+    INSTANCE_ENV,
+    free_port,  # noqa: F401
+    processes_of,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +46,18 @@ class ServerProcess:
     ) -> None:
         self.base_url = base_url
         self.log_path = log_path
+        # Every process of the server carries it, also those outside its process group
+        # (Ray's agents, HAProxy): engine.lifecycle finds them by it.
+        self.instance = uuid.uuid4().hex
         _wait_port_free(base_url)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "QWEN3VL_RAY_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {
+            **os.environ,
+            "QWEN3VL_RAY_LOGS": "0",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+            INSTANCE_ENV: self.instance,
+        }
         started = time.monotonic()
         # A process group of its own (one signal reaches the whole server), in the caller's
         # session: Linux's autogroup scheduling shares the CPU equally between sessions, so a
@@ -74,12 +89,25 @@ class ServerProcess:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}:\n{self.log_tail()}") from None
 
+    def pause(self) -> None:
+        """SIGSTOP every process of the server: it uses no CPU until ``resume``."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for pid in processes_of(self.instance, group=self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.kill(pid, sig)
+
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self, timeout_s: float = 120) -> int | None:
         """SIGTERM, then wait; the exit code, or None if it had to be killed."""
         code: int | None = None
+        self.resume()  # a paused process would take SIGTERM only once continued
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

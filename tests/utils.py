@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import uuid
 import zlib
 from pathlib import Path
 
@@ -25,14 +24,13 @@ class LiveServer(ServerProcess):
     """
 
     def __init__(self, config_path: Path, port: int, log_path: Path, timeout_s: float = 900):
-        self.instance = uuid.uuid4().hex  # every process of this server carries it
         super().__init__(
             ["nice", "-n", "5", *engine_command(config_path)],
             f"http://127.0.0.1:{port}",
             log_path,
             timeout_s=timeout_s,
             # replica log lines forwarded to the server's output, as a user sees them
-            env={"QWEN3VL_INSTANCE": self.instance, "QWEN3VL_RAY_LOGS": "1"},
+            env={"QWEN3VL_RAY_LOGS": "1"},
         )
 
 

@@ -258,3 +258,22 @@ def test_the_harness_measures_ttft_tpot_and_itl_as_vllms_client_does(tmp_path):
     harness = [r for r in report["rows"] if r["client"] == "harness"]
     assert all(abs(r["median_ttft_ms"] - TIMED_TTFT_MS) < 0.25 * TIMED_TTFT_MS for r in harness)
     assert all(abs(r["median_itl_ms"] - TIMED_ITL_MS) < 0.5 * TIMED_ITL_MS for r in harness)
+
+
+def test_a_paused_server_uses_no_cpu_answers_after_resume_and_stops_even_paused(tmp_path):
+    """compare_servers --interleave measures one server while the others are paused."""
+    import httpx
+
+    server = _fake(tmp_path)
+    try:
+        server.pause()
+        state = (Path("/proc") / str(server.proc.pid) / "stat").read_text().split(") ")[1][0]
+        assert state == "T", "stopped"
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(server.base_url + "/health", timeout=1)
+        server.resume()
+        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 200
+        server.pause()
+    finally:
+        code = server.stop(timeout_s=10)
+    assert code is not None, "a paused server takes SIGTERM once stop() resumes it"
