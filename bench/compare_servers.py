@@ -25,6 +25,13 @@ results.md (one table per workload, ratios to vLLM's server in the same round) t
     python -m bench.compare_servers --servers vllm ours ours-haproxy ours-proxy   # every front
     python -m bench.compare_servers --servers vllm ours --workloads tiny-c32 --rounds 1
     python -m bench.compare_servers --before /tmp/old    # + ours-before: the checkout in /tmp/old
+    python -m bench.compare_servers --interleave         # all servers up at once, one measured
+                                                         # at a time, the others paused
+
+``--interleave`` starts each server once, on ports ``--port``, ``--port``+10, ..., and measures
+them in turn workload by workload while the others are paused (SIGSTOP): this machine's speed
+drifts by +-25% over minutes, more than the differences measured, and a server start per round
+compares servers minutes apart.
 
 ``--before DIR`` adds ``ours-before``: the same server run from another checkout of this
 project (``git worktree add /tmp/old REV``) with that checkout's copy of the profile, so a
