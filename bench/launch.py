@@ -47,8 +47,8 @@ class ServerProcess:
         self.base_url = base_url
         self.log_path = log_path
         # Every process of the server carries it, also those outside its process group
-        # (Ray's agents, HAProxy): engine.lifecycle finds them by it.
-        self.instance = uuid.uuid4().hex
+        # (Ray's agents, HAProxy): engine.lifecycle finds them by it. A caller's id wins.
+        self.instance = (env or {}).get(INSTANCE_ENV) or uuid.uuid4().hex
         _wait_port_free(base_url)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {
