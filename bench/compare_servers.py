@@ -319,8 +319,8 @@ def run_interleaved(
         for name, (command, env, cwd) in found.items():
             log = log_dir / f"{name}-{time.time_ns()}.log"
             url = f"http://127.0.0.1:{ports[name]}"
+            # leaving the stack stops it, resumed first (ServerProcess.stop)
             server = stack.enter_context(ServerProcess(command, url, log, env=env, cwd=cwd))
-            stack.callback(server.resume)  # runs before its stop, as any stop resumes
             running[name], ready_at[name] = server, time.monotonic()
             warm_up(url, model, tokenizer, workloads, warmup)
         # all idle and running until the last one has settled (start-up bursts included)
