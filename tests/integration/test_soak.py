@@ -24,10 +24,13 @@ IN_SYSTEM = PRIMARY_SEQS + PRIMARY_QUEUE + FALLBACK_SEQS + FALLBACK_QUEUE
 
 def slo_at(capacity_rps: float) -> float:
     """The p99 TTFT the bounded queues hold on this machine: the profile's SLO (set on a fast
-    2-core machine, measured 4.7-6.2 s there), or, where the machine is slower, 1.5x the time
-    to drain a full system at the measured capacity (an AVX2-only machine: 1.9 req/s, p99 21 s;
-    without the bounds 90 s at 2x would queue ~170 requests and wait up to ~90 s)."""
-    return max(TTFT_SLO_S, 1.5 * IN_SYSTEM / capacity_rps)
+    2-core machine, measured 4.7-6.2 s there), or, where the machine is slower, 3x the time to
+    drain a full system at the rate it served (the lower of the closed-loop capacity and the
+    soak's completions per second). Measured: an AVX2-only machine, 1.9 req/s, p99 20-21 s
+    (1.1x the drain time); an AVX-512 one, 7.3 req/s, p99 12.4 s (2.5x; the 1.5x bound this
+    replaced failed there once). Without the bounds, 90 s at 2x would queue ~170 requests and
+    the p99 would be ~88 s, above this bound on both machines."""
+    return max(TTFT_SLO_S, 3.0 * IN_SYSTEM / capacity_rps)
 
 
 def test_a_minute_at_twice_capacity_breaks_nothing(server):
@@ -52,7 +55,7 @@ def test_a_minute_at_twice_capacity_breaks_nothing(server):
         # the 10-minute soak is the check); a real leak at this rate still fails at 25%.
         memory_tolerance={"engine": 0.25},
     )
-    keys = ("capacity_rps", "slo_s", "statuses", "p99_ttft_s", "rss_growth")
+    keys = ("capacity_rps", "served_rps", "slo_s", "statuses", "p99_ttft_s", "rss_growth")
     summary = {k: report[k] for k in keys}
     print("soak:", summary)
     assert report["passed"], (report["checks"], summary)
