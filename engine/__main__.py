@@ -199,18 +199,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             drained.set()
 
-    def on_signal(*_) -> None:
+    def on_first_signal() -> None:
         # The drain starts at once, from a thread: the main thread may be in start-up still
         # (clients can see /health before this process does).
-        if stopping.is_set():
-            forced.set()
-        else:
-            stopping.set()
-            threading.Thread(target=drain_in_background, daemon=True).start()
+        stopping.set()
+        threading.Thread(target=drain_in_background, daemon=True).start()
 
+    signals = lifecycle.StopSignals(on_first_signal, forced.set)
     try:
         try:
-            base = start(config, on_signal, stopping)
+            base = start(config, signals.handler, stopping)
             print(
                 f"Serving {', '.join(config.model_names)} at {base}/v1 (Ctrl-C to stop)", flush=True
             )

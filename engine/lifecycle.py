@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -118,6 +119,33 @@ def _reap_after(pid: int, instance: str, group: int, grace_s: float) -> None:
     else:
         select.select([watched], [], [])  # readable once the process has exited
     terminate(instance, group, grace_s)
+
+
+class StopSignals:
+    """What SIGINT/SIGTERM do, done outside the signal handler. Python runs a handler in the
+    main thread between two bytecodes: inside another handler, or inside a lock the main
+    thread holds. A handler that sets a ``threading.Event`` can so wait forever on that
+    Event's own lock: two signals at once (``pkill`` reaching both the supervisor, which
+    passes its signal on, and the server) left a server hung with every process up. The
+    handler here only writes a byte to a pipe; a thread reads it and calls ``first`` on the
+    first signal and ``again`` on every later one (both must return soon)."""
+
+    def __init__(self, first, again) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._calls = (first, again)
+        threading.Thread(target=self._relay, name="stop-signals", daemon=True).start()
+
+    def handler(self, signum: int, frame=None) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe: enough signals pending
+            os.write(self._write, b"s")
+
+    def _relay(self) -> None:
+        first, again = self._calls
+        received = 0
+        while os.read(self._read, 1):
+            received += 1
+            (first if received == 1 else again)()
 
 
 def lifecycle_actor_class():
