@@ -214,7 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         except StartupInterrupted:
             pass
-        drained.wait()
+        # Short waits: the kernel may hand a signal to any thread (Ray's too), and Python runs
+        # its handler only once the main thread runs again; a wait without a timeout would
+        # not end for it.
+        while not drained.wait(0.25):
+            pass
         print("Shutting down...", flush=True)
     finally:
         stop()

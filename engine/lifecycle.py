@@ -128,7 +128,9 @@ class StopSignals:
     Event's own lock: two signals at once (``pkill`` reaching both the supervisor, which
     passes its signal on, and the server) left a server hung with every process up. The
     handler here only writes a byte to a pipe; a thread reads it and calls ``first`` on the
-    first signal and ``again`` on every later one (both must return soon)."""
+    first signal and ``again`` on every later one (both must return soon). The main thread
+    must not block without a timeout: the kernel may hand the signal to another thread, and
+    Python runs the handler only when the main thread next runs."""
 
     def __init__(self, first, again) -> None:
         self._read, self._write = os.pipe()
