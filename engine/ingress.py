@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
 import uuid
 from typing import Any
@@ -35,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from engine import asgi, lifecycle, metrics
 from engine.backend import Backend, engine_backend
 from engine.config import AppConfig
+from engine.cpus import take_server_cores
 from engine.errors import EngineError, RequestError, error_payload
 from engine.intake import (
     REQUEST_ID_HEADER,
@@ -149,6 +151,7 @@ class OpenAIServer:
     """Ray Serve replica: the OpenAI routes over a ``ChatService`` and the drain on shutdown."""
 
     def __init__(self, config: AppConfig, fallback_handles: dict[str, Any] | None = None) -> None:
+        take_server_cores()  # before the engine starts: its processes inherit this
         self.config = config
         self.service = ChatService(config, build_backends(config, fallback_handles or {}))
         self._lifecycle_task: asyncio.Task | None = None
@@ -239,7 +242,7 @@ class OpenAIServer:
             self._following.set()
             return  # not started by our CLI (e.g. a RayService): Ray Serve's own shutdown
         me = f"{id(self)}-{uuid.uuid4().hex[:8]}"
-        await coordinator.register.remote(me)
+        await coordinator.register.remote(me, os.getpid())
         told = coordinator.wait_for_drain.remote()
         self._following.set()
         await told

@@ -150,41 +150,64 @@ class StopSignals:
             (first if received == 1 else again)()
 
 
+class DrainBoard:
+    """The drain coordinator's state (run as the ``Lifecycle`` actor): the ingress replicas
+    register (with their PID), wait to be told to drain, and report once drained. A replica
+    that died (killed, and replaced by Ray Serve) has nothing left to drain: it counts as
+    drained, or every later stop would wait the whole drain timeout for it."""
+
+    def __init__(self) -> None:
+        self._draining = asyncio.Event()
+        self._replicas: dict[str, bool] = {}  # replica -> drained
+        self._pids: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    async def register(self, replica: str, pid: int | None = None) -> None:
+        self._replicas.setdefault(replica, False)
+        if pid is not None:
+            self._pids[replica] = pid
+
+    async def wait_for_drain(self) -> None:
+        await self._draining.wait()
+
+    async def drain(self) -> None:
+        self._draining.set()
+
+    async def drained(self, replica: str) -> None:
+        async with self._changed:
+            self._replicas[replica] = True
+            self._changed.notify_all()
+
+    async def wait_drained(self, timeout_s: float, poll_s: float = 0.5) -> dict[str, bool]:
+        """Until every registered replica has drained or died, at most ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while True:
+            for replica, pid in self._pids.items():
+                if not _alive(pid):
+                    self._replicas[replica] = True
+            left = end - time.monotonic()
+            if all(self._replicas.values()) or left <= 0:
+                return dict(self._replicas)
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(poll_s, left))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's (the PID was reused)
+        return True
+    return True
+
+
 def lifecycle_actor_class():
     """The drain coordinator as a Ray actor class (Ray imported only where it runs)."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class Lifecycle:
-        def __init__(self) -> None:
-            self._draining = asyncio.Event()
-            self._replicas: dict[str, bool] = {}  # replica -> drained
-            self._changed = asyncio.Condition()
-
-        async def register(self, replica: str) -> None:
-            self._replicas.setdefault(replica, False)
-
-        async def wait_for_drain(self) -> None:
-            await self._draining.wait()
-
-        async def drain(self) -> None:
-            self._draining.set()
-
-        async def drained(self, replica: str) -> None:
-            async with self._changed:
-                self._replicas[replica] = True
-                self._changed.notify_all()
-
-        async def wait_drained(self, timeout_s: float) -> dict[str, bool]:
-            """Until every registered replica has drained, at most ``timeout_s``."""
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: all(self._replicas.values())), timeout_s
-                    )
-            return dict(self._replicas)
-
-    return Lifecycle
+    return ray.remote(num_cpus=0)(type("Lifecycle", (DrainBoard,), {}))
 
 
 if __name__ == "__main__":  # the reaper: python -m engine.lifecycle PID INSTANCE GROUP GRACE_S
