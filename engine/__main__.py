@@ -23,7 +23,7 @@ import sys
 import threading
 import traceback
 
-from engine import cpus, lifecycle
+from engine import lifecycle
 from engine.config import DEFAULT_PROFILE, AppConfig, load_config, tier_config
 from engine.lifecycle import free_port, wait_for_health
 
@@ -74,7 +74,6 @@ def start(config: AppConfig, on_signal=None, stopping: threading.Event | None = 
         )
     # Inherited by the raylet and every worker.
     os.environ.update(config.serve_env())
-    cpus.remember_server_cores()
     if config.ingress_mode == "haproxy":
         for key, value in haproxy_env(config.server.port).items():
             os.environ.setdefault(key, value)  # explicit settings win
@@ -118,14 +117,6 @@ def start(config: AppConfig, on_signal=None, stopping: threading.Event | None = 
             raise StartupInterrupted("stopped before the server was healthy")
 
     wait_for_health(base + "/health", config.server.startup_timeout_s, check=still_wanted)
-    if config.server.keep_ray_off_engine_cores:
-        ours = lifecycle.processes_of(lifecycle.instance_id(), group=os.getpgrp())
-        bound = cpus.keep_daemons_off_engine_cores(
-            [*ours, os.getpid()], proxy_is_ingress=config.ingress_mode == "proxy"
-        )
-        if bound:
-            spare = sorted(os.sched_getaffinity(0))
-            print(f"Ray's daemons ({len(bound)} processes) kept on cores {spare}", flush=True)
     return base
 
 

@@ -320,12 +320,6 @@ class ServerConfig(_Strict):
         default_factory=lambda: dict(DEFAULT_RAY_ENV),
         description="Extra environment for the local Ray (the raylet and every worker).",
     )
-    keep_ray_off_engine_cores: bool = Field(
-        True,
-        description="Once the engines are up, bind Ray's daemons (and Serve's controller, "
-        "the server's own process) to the cores vLLM left free of its workers (engine.cpus); "
-        "nothing changes where the workers are not bound to cores (GPUs).",
-    )
     startup_timeout_s: float = Field(600, gt=0, description="How long to wait for /health.")
     drain_timeout_s: float | None = Field(
         None,

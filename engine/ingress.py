@@ -36,7 +36,6 @@ from starlette.requests import ClientDisconnect
 from engine import asgi, lifecycle, metrics
 from engine.backend import Backend, engine_backend
 from engine.config import AppConfig
-from engine.cpus import take_server_cores
 from engine.errors import EngineError, RequestError, error_payload
 from engine.intake import (
     REQUEST_ID_HEADER,
@@ -151,7 +150,6 @@ class OpenAIServer:
     """Ray Serve replica: the OpenAI routes over a ``ChatService`` and the drain on shutdown."""
 
     def __init__(self, config: AppConfig, fallback_handles: dict[str, Any] | None = None) -> None:
-        take_server_cores()  # before the engine starts: its processes inherit this
         self.config = config
         self.service = ChatService(config, build_backends(config, fallback_handles or {}))
         self._lifecycle_task: asyncio.Task | None = None

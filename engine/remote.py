@@ -23,7 +23,6 @@ from ray import serve
 
 from engine.backend import Accepted, GenerationDelta, Prepared, engine_backend
 from engine.config import ModelConfig
-from engine.cpus import take_server_cores
 from engine.errors import EngineError, RequestError
 from engine.protocol import ChatCompletionRequest
 
@@ -35,7 +34,6 @@ class ModelServer:
     """Ray Serve replica holding one fallback model's engine (vLLM or ONNX Runtime)."""
 
     def __init__(self, config: ModelConfig) -> None:
-        take_server_cores()  # before the engine starts: its processes inherit this
         self.engine = engine_backend(config)
 
     async def generate(
