@@ -36,8 +36,7 @@ from bench.compare_servers import (
     _model_of,
     measure,
     servers,
-    settle,
-    warm_up,
+    start_side_by_side,
 )
 from bench.launch import ServerProcess, processes_of
 from engine.config import DEFAULT_PROFILE
@@ -121,16 +120,14 @@ def main() -> None:
     model, tokenizer = _model_of(DEFAULT_PROFILE)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        running: dict[str, ServerProcess] = {}
-        for i, name in enumerate(("vllm", "ours")):
-            port = args.port + 10 * i
+        ports = {"vllm": args.port, "ours": args.port + 10}
+        found = {}
+        for name, port in ports.items():
             (Path(tmp) / name).mkdir()
-            command, env, cwd = servers(DEFAULT_PROFILE, port, Path(tmp) / name)[name]
-            log = args.out / f"{name}.log"
-            url = f"http://127.0.0.1:{port}"
-            running[name] = stack.enter_context(ServerProcess(command, url, log, env=env, cwd=cwd))
-            warm_up(url, model, tokenizer, workloads, 16)
-        settle(time.monotonic(), args.settle_s)
+            found[name] = servers(DEFAULT_PROFILE, port, Path(tmp) / name)[name]
+        running, _ = start_side_by_side(
+            stack, found, ports, DEFAULT_PROFILE, workloads, 16, args.out, args.settle_s
+        )
         names = list(CONDITIONS)
         for round_no in range(1, args.rounds + 1):
             for workload in workloads:
@@ -147,9 +144,6 @@ def main() -> None:
                         | {"cpu_ray_core_share": row["cpu_ray_core_share"]}
                     )
                     print(json.dumps(rows[-1]), flush=True)
-        for server in running.values():
-            server.resume()
-        place_daemons(running["ours"], False)
     (args.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (args.out / "summary.md").write_text(summary(rows))
     print(summary(rows))

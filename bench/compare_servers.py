@@ -314,17 +314,9 @@ def run_interleaved(
     model, tokenizer = _model_of(profile_path)
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        running: dict[str, ServerProcess] = {}
-        ready_at: dict[str, float] = {}
-        for name, (command, env, cwd) in found.items():
-            log = log_dir / f"{name}-{time.time_ns()}.log"
-            url = f"http://127.0.0.1:{ports[name]}"
-            # leaving the stack stops it, resumed first (ServerProcess.stop)
-            server = stack.enter_context(ServerProcess(command, url, log, env=env, cwd=cwd))
-            running[name], ready_at[name] = server, time.monotonic()
-            warm_up(url, model, tokenizer, workloads, warmup)
-        # all idle and running until the last one has settled (start-up bursts included)
-        settled_s = settle(max(ready_at.values()), settle_s)
+        running, settled_s = start_side_by_side(
+            stack, found, ports, profile_path, workloads, warmup, log_dir, settle_s
+        )
         for server in running.values():
             server.pause()
         names = list(running)
@@ -348,6 +340,31 @@ def run_interleaved(
                     )
                     print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def start_side_by_side(
+    stack: contextlib.ExitStack,
+    found: dict[str, tuple[list[str], dict, Path]],
+    ports: dict[str, int],
+    profile_path: Path,
+    workloads: list[Workload],
+    warmup: int,
+    log_dir: Path,
+    settle_s: float,
+) -> tuple[dict[str, ServerProcess], float]:
+    """Every server of ``found`` started on its port (leaving ``stack`` stops it, resumed
+    first: ServerProcess.stop) and warmed up; all left running until the last has settled
+    (start-up bursts included). The servers by name, and the seconds settled."""
+    model, tokenizer = _model_of(profile_path)
+    running: dict[str, ServerProcess] = {}
+    ready_at: dict[str, float] = {}
+    for name, (command, env, cwd) in found.items():
+        log = log_dir / f"{name}-{time.time_ns()}.log"
+        url = f"http://127.0.0.1:{ports[name]}"
+        server = stack.enter_context(ServerProcess(command, url, log, env=env, cwd=cwd))
+        running[name], ready_at[name] = server, time.monotonic()
+        warm_up(url, model, tokenizer, workloads, warmup)
+    return running, settle(max(ready_at.values()), settle_s)
 
 
 # after a pause: the server's timers that fell due meanwhile run before the load starts

@@ -150,22 +150,21 @@ class StopSignals:
             (first if received == 1 else again)()
 
 
-class DrainBoard:
-    """The drain coordinator's state (run as the ``Lifecycle`` actor): the ingress replicas
-    register (with their PID), wait to be told to drain, and report once drained. A replica
-    that died (killed, and replaced by Ray Serve) has nothing left to drain: it counts as
+class Lifecycle:
+    """The drain coordinator (run as a named Ray actor, ``lifecycle_actor_class``): the
+    ingress replicas register (with their PID), wait to be told to drain, and report once
+    drained. A replica that died (killed, and replaced by Ray Serve) has nothing left to drain: it counts as
     drained, or every later stop would wait the whole drain timeout for it."""
 
     def __init__(self) -> None:
         self._draining = asyncio.Event()
         self._replicas: dict[str, bool] = {}  # replica -> drained
-        self._pids: dict[str, int] = {}
+        self._pids: dict[str, int] = {}  # replica -> its process
         self._changed = asyncio.Condition()
 
-    async def register(self, replica: str, pid: int | None = None) -> None:
+    async def register(self, replica: str, pid: int) -> None:
         self._replicas.setdefault(replica, False)
-        if pid is not None:
-            self._pids[replica] = pid
+        self._pids[replica] = pid
 
     async def wait_for_drain(self) -> None:
         await self._draining.wait()
@@ -207,7 +206,7 @@ def lifecycle_actor_class():
     """The drain coordinator as a Ray actor class (Ray imported only where it runs)."""
     import ray
 
-    return ray.remote(num_cpus=0)(type("Lifecycle", (DrainBoard,), {}))
+    return ray.remote(num_cpus=0)(Lifecycle)
 
 
 if __name__ == "__main__":  # the reaper: python -m engine.lifecycle PID INSTANCE GROUP GRACE_S

@@ -1,4 +1,4 @@
-"""The drain coordinator (engine.lifecycle.DrainBoard): a stop waits for the live ingress
+"""The drain coordinator (engine.lifecycle.Lifecycle): a stop waits for the live ingress
 replicas to drain, never for one that died. A replica killed and replaced by Ray Serve
 stayed registered as not drained, and every later stop waited the whole drain timeout
 (600 s by default) with nothing in flight."""
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from engine.lifecycle import DrainBoard
+from engine.lifecycle import Lifecycle
 
 
 def _dead_pid() -> int:
@@ -21,7 +21,7 @@ def _dead_pid() -> int:
 
 def test_a_replica_that_died_does_not_hold_the_stop():
     async def scenario() -> tuple[dict, float]:
-        board = DrainBoard()
+        board = Lifecycle()
         await board.register("killed", _dead_pid())
         await board.register("live", 1)  # PID 1 lives as long as the machine
         await board.drain()
@@ -39,7 +39,7 @@ def test_a_replica_that_died_does_not_hold_the_stop():
 
 def test_a_live_replica_that_never_drains_holds_the_stop_until_the_timeout():
     async def scenario() -> dict:
-        board = DrainBoard()
+        board = Lifecycle()
         await board.register("stuck", 1)
         return await board.wait_drained(timeout_s=0.3, poll_s=0.05)
 
