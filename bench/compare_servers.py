@@ -23,6 +23,7 @@ results.md (one table per workload, ratios to vLLM's server in the same round) t
 
     python -m bench.compare_servers --out runs/compare            # 3 rounds, all workloads
     python -m bench.compare_servers --servers vllm ours ours-haproxy ours-proxy   # every front
+    python -m bench.compare_servers --servers vllm ours ours-no-lane --interleave  # render_lane
     python -m bench.compare_servers --servers vllm ours --workloads tiny-c32 --rounds 1
     python -m bench.compare_servers --before /tmp/old    # + ours-before: the checkout in /tmp/old
     python -m bench.compare_servers --interleave         # all servers up at once, one measured
@@ -129,10 +130,21 @@ def servers(
     model = config.primary
     vllm_cmd = vllm_server_command(model, port)
     found = {"vllm": (vllm_cmd, dict(model.env), REPO)}
-    for name, ingress in (("ours", None), ("ours-haproxy", "haproxy"), ("ours-proxy", "proxy")):
+    variants = (
+        ("ours", None, False),
+        ("ours-haproxy", "haproxy", False),
+        ("ours-proxy", "proxy", False),
+        # the primary rendering through vLLM's render_chat_async (engine.llm.RenderLane off)
+        ("ours-no-lane", None, True),
+    )
+    for name, ingress, no_lane in variants:
         profile = _on_port(profile_path, port)
         if ingress:
             profile["server"]["ingress"] = ingress
+        if no_lane:
+            for entry in profile["models"]:
+                if entry["name"] == model.name:
+                    entry["render_lane"] = False
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(profile))
         command = [sys.executable, "-m", "engine", "serve", "--config", str(path)]
@@ -323,11 +335,18 @@ def run_interleaved(
         for round_no in range(1, rounds + 1):
             order = names if round_no % 2 else names[::-1]
             for workload in workloads:
-                for name in order:
+                for name in [n for n in order if n in running]:
                     server = running[name]
                     server.resume()
                     time.sleep(RESUME_S)
-                    row = measure(server.base_url, model, tokenizer, workload)
+                    try:
+                        row = measure(server.base_url, model, tokenizer, workload)
+                    except Exception as exc:  # noqa: BLE001 - the others' rows still count
+                        # e.g. three servers and phone photos outgrow the memory and Ray's
+                        # monitor kills one's actors: go on without it.
+                        print(f"{name} failed on {workload.name} ({exc!r}); dropped", flush=True)
+                        del running[name]
+                        continue
                     server.pause()
                     rows.append(
                         {
@@ -515,7 +534,7 @@ def main() -> None:
         "--servers",
         nargs="+",
         default=["vllm", "ours"],
-        help="vllm, ours, ours-haproxy, ours-proxy",
+        help="vllm, ours, ours-haproxy, ours-proxy, ours-no-lane (render_lane off)",
     )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--before", type=Path, help="another checkout, served as ours-before")

@@ -218,6 +218,20 @@ class ModelConfig(_Strict):
         description="Environment of the replica process (e.g. VLLM_CPU_KVCACHE_SPACE).",
     )
     num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of this model.")
+    render_lane: bool = Field(
+        True,
+        description="vllm: render chats (chat template, tokenizer, multimodal processor) one at "
+        "a time in arrival order, small ones on the event loop and larger ones in one thread "
+        "(engine.llm.RenderLane); off: vLLM's render_chat_async, as vLLM's server does. "
+        "Measured on 2 cores against it: median TTFT ~0.6-0.7x at 8 and 32 concurrent "
+        "streams, request throughput higher at 8 and even at 32 (BENCHMARKS.md).",
+    )
+    inline_render_max_pixels: int = Field(
+        262_144,
+        ge=0,
+        description="With render_lane: a chat whose images together have up to this many "
+        "pixels (512x512) renders on the event loop; a larger one in the lane's thread.",
+    )
     max_ongoing_requests: int = Field(
         512, ge=1, description="Requests one replica holds at once (engine batch + queue)."
     )

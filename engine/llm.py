@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,15 @@ class VllmBackend:
         self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
         self._background: set[asyncio.Task] = set()
         self._control_tokens = control_token_pattern(self.llm.get_tokenizer())
+        self._renders: RenderLane | None = None
+        if config.render_lane:
+            self._renders = RenderLane(
+                self.llm.renderer.render_chat, config.inline_render_max_pixels
+            )
+            # As vLLM's server does at start: compile the chat template and join the
+            # multimodal warm-up vLLM runs in the background, which would share the processor.
+            with keep_log_handlers():
+                self.llm.renderer.warmup(self._chat_params)
         self.attention_backends = attention_backends(self.llm.vllm_config)
         version = _vllm_version()
         # The replica's own log (its stderr, which Ray forwards to the server's output).
@@ -104,9 +114,12 @@ class VllmBackend:
             kwargs = {**chat_params.chat_template_kwargs, "tools": tools}
             chat_params = ChatParams(chat_template_kwargs=kwargs)
         try:
-            _, (engine_input,) = await self.llm.renderer.render_chat_async(
-                [conversation], chat_params, tok_params
-            )
+            if self._renders is not None:
+                engine_input = await self._renders.render(conversation, chat_params, tok_params)
+            else:
+                _, (engine_input,) = await self.llm.renderer.render_chat_async(
+                    [conversation], chat_params, tok_params
+                )
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise RequestError(str(exc), code=_client_error_code(str(exc))) from None
         prompt_tokens = len(engine_input["prompt_token_ids"])
@@ -216,6 +229,63 @@ class VllmBackend:
 
     async def aclose(self) -> None:
         self.llm.shutdown()
+        if self._renders is not None:
+            self._renders.close()
+
+
+class RenderLane:
+    """vLLM's renderer (chat template, tokens, multimodal processing) on one conversation at a
+    time, in arrival order, as vLLM's own multimodal step runs (its processor cache must stay
+    in step with the engine core's).
+
+    vLLM's ``render_chat_async`` hops threads three times (template, tokenizer, the
+    multimodal processor's single thread); each hop waits for the GIL and then for a turn of
+    the event loop, which 32 streams keep busy: at c=32 a 336 px image's render took ~130 ms
+    (median) for ~6 ms of CPU (BENCHMARKS.md). Here a render whose images are small takes the
+    loop for those few milliseconds, with a turn of the loop (pending tokens) before each; a
+    larger one takes one hop to a thread of its own, so tokens keep flowing while a photo's
+    patches are built.
+    """
+
+    def __init__(self, render: Callable[..., Any], inline_max_pixels: int) -> None:
+        self._render = render  # vLLM's Renderer.render_chat
+        self._inline_max_pixels = inline_max_pixels
+        self._turn = asyncio.Lock()  # FIFO
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="render")
+
+    async def render(self, conversation: list[dict[str, Any]], *params: Any) -> Any:
+        """The conversation's engine input (``render_chat``'s for one conversation)."""
+        async with self._turn:
+            if _pixels(conversation) <= self._inline_max_pixels:
+                await asyncio.sleep(0)
+                _, (engine_input,) = self._render([conversation], *params)
+                return engine_input
+            running = asyncio.get_running_loop().run_in_executor(
+                self._thread, self._render, [conversation], *params
+            )
+            try:
+                _, (engine_input,) = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                # The thread holds the renderer until it is done: so does this turn.
+                await asyncio.wait({running})
+                raise
+            return engine_input
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+def _pixels(conversation: list[dict[str, Any]]) -> int:
+    """The pixels of the conversation's decoded images, together."""
+    total = 0
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                image = part.get("image_pil") if isinstance(part, dict) else None
+                if image is not None:
+                    total += image.width * image.height
+    return total
 
 
 def attention_backends(vllm_config: Any) -> dict[str, str]:
