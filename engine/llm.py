@@ -257,7 +257,7 @@ class RenderLane:
         """The conversation's engine input (``render_chat``'s for one conversation)."""
         async with self._turn:
             if _pixels(conversation) <= self._inline_max_pixels:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # the loop's pending work (tokens) goes first
                 _, (engine_input,) = self._render([conversation], *params)
                 return engine_input
             running = asyncio.get_running_loop().run_in_executor(
