@@ -304,7 +304,11 @@ class ChatService:
             conversation = None
             if backend.uses_conversation:
                 conversation = await images.build_conversation(
-                    call.request, self.config.images, self._fetch_client, self.decoder
+                    call.request,
+                    self.config.images,
+                    self._fetch_client,
+                    self.decoder,
+                    alone=self.in_flight() == 1,  # this request is all the replica serves
                 )
             return await backend.prepare(call.request_id, call.request, conversation)
 

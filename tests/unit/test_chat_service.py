@@ -315,6 +315,47 @@ def test_images_are_decoded_only_for_backends_that_read_them():
     assert forwards.conversations == [None]
 
 
+class _CountingDecoder:
+    """Stands in for the decode pool: runs the work at once and counts it."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(self, fn, *args, small: bool = False):
+        self.runs += 1
+        return fn(*args)
+
+
+def test_a_request_alone_on_the_replica_decodes_its_small_image_without_a_thread_hop():
+    """A 336 px JPEG of noise (over the inline byte cap) goes to the decode threads while
+    another request streams, and decodes on the loop when nothing else is in flight."""
+    image = data_url(encode(noise_image(336, 336, seed=1), "JPEG"), "image/jpeg")
+    content = [
+        {"type": "text", "text": "what?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    messages = [{"role": "user", "content": content}]
+    service = _service(big=FakeBackend("big", tokens=3), small=FakeBackend("small"))
+    decoder = _CountingDecoder()
+    service.decoder = decoder
+
+    async def main() -> list[int]:
+        runs = []
+        await service.complete(_call(messages=messages))  # alone
+        runs.append(decoder.runs)
+        source = await service.stream(_call())  # admitted, its stream open
+        try:
+            await service.complete(_call(messages=messages))
+        finally:
+            await source.aclose()
+        runs.append(decoder.runs)
+        await service.complete(_call(messages=messages))  # alone again
+        runs.append(decoder.runs)
+        return runs
+
+    assert asyncio.run(main()) == [0, 1, 1]
+
+
 def test_health_names_the_backend_that_cannot_serve():
     small = FakeBackend("small")
     small.healthy = False

@@ -145,18 +145,22 @@ class _CountingPool:
 
 
 @pytest.mark.parametrize(
-    "image, lanes",
+    "image, alone, lanes",
     [
-        (Image.new("RGB", (336, 336), "orange"), []),  # small and cheap: inline
-        (noise_image(336, 336, seed=1), [True]),  # few pixels, many bytes: the small lane
-        (Image.new("RGB", (1024, 768), "orange"), [False]),  # many pixels: one per core
+        (Image.new("RGB", (336, 336), "orange"), False, []),  # small and cheap: inline
+        (noise_image(336, 336, seed=1), False, [True]),  # few pixels, many bytes: small lane
+        (Image.new("RGB", (1024, 768), "orange"), False, [False]),  # many pixels: one per core
+        # No other request in flight (no stream to pause): every small image inline ...
+        (noise_image(336, 336, seed=1), True, []),
+        # ... but never a large one: a new request may come while it decodes.
+        (Image.new("RGB", (1024, 768), "orange"), True, [False]),
     ],
 )
-def test_only_small_cheap_images_decode_on_the_event_loop(image, lanes):
+def test_only_small_cheap_images_decode_on_the_event_loop(image, alone, lanes):
     data = encode(image, "JPEG")
     pool = _CountingPool()
     url = data_url(data, "image/jpeg")
-    decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool))
+    decoded, _ = asyncio.run(load_image(url, LIMITS, "image", lambda: None, pool, alone=alone))
     assert pool.runs == lanes, f"{len(data)} bytes, {image.size}"
     assert decoded.mode == "RGB"
 
