@@ -25,6 +25,18 @@ from engine.lifecycle import (  # free_port: one helper; tests import it from he
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Process states in /proc/PID/stat that run no more: stopped, traced, zombie, dead; None: gone.
+_HALTED = frozenset({"T", "t", "Z", "X", None})
+
+
+def _state(pid: int) -> str | None:
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(")") + 2]  # after "pid (comm) ", whatever comm holds
+
+
 def engine_command(profile: Path, port: int | None = None) -> list[str]:
     """The engine CLI serving ``profile`` (the same command a user or a pod runs)."""
     command = [sys.executable, "-m", "engine", "serve", "--config", str(profile)]
@@ -89,17 +101,29 @@ class ServerProcess:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}:\n{self.log_tail()}") from None
 
-    def pause(self) -> None:
-        """SIGSTOP every process of the server: it uses no CPU until ``resume``."""
-        self._signal_all(signal.SIGSTOP)
+    def pause(self, timeout_s: float = 10) -> None:
+        """SIGSTOP every process of the server and wait until each has stopped (the signal
+        lands asynchronously, later on a busy machine): from then on the server uses no CPU
+        until ``resume``."""
+        pending = set(self._signal_all(signal.SIGSTOP))
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            pending = {pid for pid in pending if _state(pid) not in _HALTED}
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"processes {sorted(pending)} did not stop on SIGSTOP")
+            if pending:
+                time.sleep(0.005)
 
     def resume(self) -> None:
         self._signal_all(signal.SIGCONT)
 
-    def _signal_all(self, sig: signal.Signals) -> None:
+    def _signal_all(self, sig: signal.Signals) -> list[int]:
+        signalled = []
         for pid in processes_of(self.instance, group=self.proc.pid):
             with contextlib.suppress(ProcessLookupError):  # gone meanwhile
                 os.kill(pid, sig)
+                signalled.append(pid)
+        return signalled
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
