@@ -30,17 +30,28 @@ class Process:
     command: str
 
 
+def read_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """A process's name and the fields of ``/proc/PID/stat`` after it (state first); None
+    once it is gone. The name is cut at the last ")": it may hold spaces and parentheses."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
 def snapshot() -> dict[int, Process]:
     """Every process's CPU time so far, by pid."""
     found = {}
     for entry in Path("/proc").glob("[0-9]*"):
+        read = read_stat(entry.name)
         try:
-            stat = (entry / "stat").read_text()
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
+        except OSError:
+            read = None
+        if read is None:  # gone meanwhile
             continue
-        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
-        fields = rest.split()
+        name, fields = read
         utime, stime = int(fields[11]), int(fields[12])
         found[int(entry.name)] = Process((utime + stime) * _TICK_S, command.strip() or name)
     return found

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.cpu_account import read_stat
 from engine.lifecycle import (  # free_port: one helper; tests import it from here
     INSTANCE_ENV,
     free_port,  # noqa: F401
@@ -29,12 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 _HALTED = frozenset({"T", "t", "Z", "X", None})
 
 
-def _state(pid: int) -> str | None:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2]  # after "pid (comm) ", whatever comm holds
+def process_state(pid: int) -> str | None:
+    """The state letter of ``/proc/PID/stat`` (R, S, T, ...); None once the process is gone."""
+    read = read_stat(pid)
+    return None if read is None else read[1][0]
 
 
 def engine_command(profile: Path, port: int | None = None) -> list[str]:
@@ -108,7 +107,7 @@ class ServerProcess:
         pending = set(self._signal_all(signal.SIGSTOP))
         deadline = time.monotonic() + timeout_s
         while pending:
-            pending = {pid for pid in pending if _state(pid) not in _HALTED}
+            pending = {pid for pid in pending if process_state(pid) not in _HALTED}
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"processes {sorted(pending)} did not stop on SIGSTOP")
             if pending:

@@ -13,7 +13,7 @@ import yaml
 
 from bench.client import StreamingClient, run_async
 from bench.compare import compare_runs
-from bench.launch import REPO, ServerProcess, free_port
+from bench.launch import REPO, ServerProcess, free_port, process_state
 from bench.profiles import Concurrency, parse_profile
 from bench.report import read_run
 from bench.workload import build_requests
@@ -267,8 +267,7 @@ def test_a_paused_server_uses_no_cpu_answers_after_resume_and_stops_even_paused(
     server = _fake(tmp_path)
     try:
         server.pause()
-        state = (Path("/proc") / str(server.proc.pid) / "stat").read_text().split(") ")[1][0]
-        assert state == "T", "stopped"
+        assert process_state(server.proc.pid) == "T", "stopped"
         with pytest.raises(httpx.TimeoutException):
             httpx.get(server.base_url + "/health", timeout=1)
         server.resume()
