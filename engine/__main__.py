@@ -43,8 +43,8 @@ def haproxy_env(port: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port("")),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port("")),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats := free_port("", avoid={port})),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port("", avoid={port, stats})),
     }
 
 
@@ -106,7 +106,7 @@ def start(config: AppConfig, on_signal=None, stopping: threading.Event | None = 
     # port 8000: it gets a free loopback port that nothing uses.
     proxy = {"host": config.server.host, "port": config.server.port}
     if config.ingress_mode == "direct":
-        proxy = {"host": "127.0.0.1", "port": free_port()}
+        proxy = {"host": "127.0.0.1", "port": free_port(avoid={config.server.port})}
     serve.start(http_options=proxy)
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host

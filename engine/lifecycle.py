@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -274,9 +275,13 @@ def wait_port_bindable(host: str, port: int, timeout_s: float, on_wait=None) -> 
 _PORTS = range(20000, 32768)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, outside the ranges that start-up grabs at random."""
-    for port in random.sample(_PORTS, 200):
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A port nothing listens on now, outside the ranges that start-up grabs at random, and
+    none of ``avoid`` (ports that are free now but spoken for, such as the API port before
+    the replica binds it: a Serve proxy actor once took it, and the replica could not)."""
+    for port in random.sample(_PORTS, min(200, len(_PORTS))):
+        if port in avoid:
+            continue
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

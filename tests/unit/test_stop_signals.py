@@ -70,3 +70,35 @@ def test_a_burst_of_signals_stops_the_process_every_time():
         finally:
             child.kill()
         assert out.split() == ["stopping", "forced"], out
+
+
+def test_a_free_port_is_never_one_already_spoken_for(monkeypatch):
+    """The API port is free until the replica binds it: the Serve proxy actor's port (picked
+    from the same range) must not be it, or the replica cannot start (seen in CI)."""
+    from engine import lifecycle
+
+    first = next(p for p in range(24000, 32000, 2) if _bindable(p) and _bindable(p + 1))
+    monkeypatch.setattr(lifecycle, "_PORTS", range(first, first + 2))
+    assert {lifecycle.free_port() for _ in range(50)} == {first, first + 1}  # both free
+    assert {lifecycle.free_port(avoid={first}) for _ in range(50)} == {first + 1}
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_haproxy_ports_differ_from_the_api_port_and_each_other():
+    from engine.__main__ import haproxy_env
+
+    env = haproxy_env(8000)
+    ports = {8000, int(env["RAY_SERVE_HAPROXY_STATS_PORT"])}
+    ports.add(int(env["RAY_SERVE_HAPROXY_METRICS_PORT"]))
+    assert len(ports) == 3
